@@ -1,0 +1,67 @@
+"""Shared helpers for the package tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sharedconv
+
+SHARED = {1: sharedconv.SharedConv1d, 2: sharedconv.SharedConv2d, 3: sharedconv.SharedConv3d}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# Spatial sizes and kernels that differ per dimension, so a swapped axis cannot pass.
+SIZES = {1: (11,), 2: (9, 7), 3: (7, 6, 5)}
+KERNELS = {1: (3,), 2: (3, 2), 3: (3, 2, 1)}
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tied_conv(layer: sharedconv.modules._SharedConvNd) -> nn.Module:
+    """The plain grouped ``nn.ConvNd`` whose G banks are copies of ``layer``'s bank.
+
+    Built independently of ``layer.to_conv`` (which is itself under test).
+    """
+    n, g = layer._dim, layer.groups
+    conv = CONV[n](
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=g,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        device=layer.weight.device,
+        dtype=layer.weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([layer.weight] * g, dim=0))
+        if layer.bias is not None:
+            conv.bias.copy_(torch.cat([layer.bias] * g, dim=0))
+    return conv
+
+
+def assert_matches_grouped_conv(layer, x: torch.Tensor, **tol) -> None:
+    """Outputs and all gradients of ``layer`` equal those of the tied grouped conv.
+
+    The shared weight's gradient must be the sum of the G banks' gradients, the shared
+    bias's the sum of the G bias chunks' gradients.
+    """
+    layer.zero_grad(set_to_none=True)
+    conv = tied_conv(layer)
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y1, y2 = layer(x1), conv(x2)
+    torch.testing.assert_close(y1, y2, **tol)
+    # A random upstream gradient, so every output element weighs differently.
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    G = layer.groups
+    bank_grads = conv.weight.grad.unflatten(0, (G, -1))
+    torch.testing.assert_close(layer.weight.grad, bank_grads.sum(0), **tol)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, conv.bias.grad.view(G, -1).sum(0), **tol)
