@@ -1,0 +1,132 @@
+"""Exact, deterministic costs of a computation: saved-for-backward bytes, FLOPs, op counts.
+
+Timings depend on the machine; these do not. They are what the book prints and asserts:
+
+- :func:`saved_tensors` records every tensor autograd keeps for the backward pass, through
+  :func:`torch.autograd.graph.saved_tensors_hooks`, and adds up the storage it keeps alive
+  (a storage shared by several saved tensors is counted once).
+- :func:`flops` counts floating-point operations with
+  :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two).
+- :func:`op_counts` counts calls of ATen operators (``aten::convolution`` by default) with
+  :mod:`torch.profiler`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SavedTensors", "saved_tensors", "flops", "op_counts", "parameter_bytes"]
+
+
+@dataclass
+class SavedTensors:
+    """What autograd saved for the backward pass of one call.
+
+    Attributes:
+        nbytes: bytes of distinct storage kept alive by the saved tensors.
+        count: number of tensors saved (including repeats of one storage).
+        shapes: ``(shape, dtype)`` of each saved tensor, in the order they were saved.
+        excluded_nbytes: bytes of saved storage that belongs to the ``exclude`` tensors
+            (typically the module's parameters, which exist anyway), not in ``nbytes``.
+    """
+
+    nbytes: int = 0
+    count: int = 0
+    shapes: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    excluded_nbytes: int = 0
+
+
+def _storage_key(t: Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def saved_tensors(
+    fn: Callable[..., Any], *args: Any, exclude: Iterable[Tensor] = (), **kwargs: Any
+) -> SavedTensors:
+    """Run ``fn(*args, **kwargs)`` and report what autograd saved for its backward.
+
+    Tensors whose storage is that of one of ``exclude`` (for example
+    ``module.parameters()``) are reported in ``excluded_nbytes`` instead of ``nbytes``.
+    At least one input must require grad, or autograd saves nothing.
+
+    Example::
+
+        >>> conv = torch.nn.Conv1d(4, 8, 3)
+        >>> x = torch.randn(2, 4, 10, requires_grad=True)
+        >>> report = saved_tensors(conv, x, exclude=conv.parameters())
+        >>> report.nbytes == x.numel() * 4  # the input; the weight is excluded
+        True
+    """
+    excluded = {_storage_key(t) for t in exclude}
+    report = SavedTensors()
+    seen: set[tuple[str, int]] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        report.count += 1
+        report.shapes.append((tuple(t.shape), t.dtype))
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            size = t.untyped_storage().nbytes()
+            if key in excluded:
+                report.excluded_nbytes += size
+            else:
+                report.nbytes += size
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return report
+
+
+def flops(
+    fn: Callable[..., Any], *args: Any, backward: bool = False, **kwargs: Any
+) -> int:
+    """FLOPs of ``fn(*args, **kwargs)``, and of its backward too when ``backward=True``.
+
+    The backward is run with ``out.sum().backward()``; the sum itself costs no counted FLOPs
+    (FlopCounterMode counts matrix products and convolutions, the operations that dominate).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args, **kwargs)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def op_counts(
+    fn: Callable[..., Any],
+    *args: Any,
+    ops: Sequence[str] = ("aten::convolution",),
+    backward: bool = False,
+    **kwargs: Any,
+) -> dict[str, int]:
+    """How many times each ATen operator in ``ops`` ran during ``fn(*args, **kwargs)``.
+
+    With ``backward=True`` the backward of ``out.sum()`` is included, so
+    ``"aten::convolution_backward"`` can be counted as well.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn(*args, **kwargs)
+        if backward:
+            out.sum().backward()
+    counts = dict.fromkeys(ops, 0)
+    for event in prof.events():
+        if event.name in counts:
+            counts[event.name] += 1
+    return counts
+
+
+def parameter_bytes(module: nn.Module, with_grad: bool = True) -> int:
+    """Bytes of ``module``'s parameters, doubled for their gradients when ``with_grad``."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    return 2 * total if with_grad else total
