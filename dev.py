@@ -33,7 +33,7 @@ def _run(*cmd: object) -> None:
 
 def ensure_env() -> None:
     """Create .venv and install requirements.txt, again whenever it or pyproject changes."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 (dev.py may be run by an older python3)
         sys.exit(f"Python 3.10 or newer is needed, this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"creating {VENV}", flush=True)

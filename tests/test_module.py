@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import CONV, KERNELS, SHARED, SIZES, assert_matches_grouped_conv, tied_conv
 from torch import nn
 
 import sharedconv
-from conftest import CONV, KERNELS, SHARED, SIZES, assert_matches_grouped_conv, tied_conv
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNELS, SHARED, SIZES, assert_matches_grouped_conv, cuda
 
 import sharedconv
-from conftest import KERNELS, SHARED, SIZES, assert_matches_grouped_conv, cuda
 
 PADDINGS = {  # ints, per-dimension tuples, and the two strings
     1: [0, 2, (1,), "same", "valid"],
@@ -64,7 +64,7 @@ def test_equals_tied_grouped_conv(case):
 
 
 def test_grid_covers_the_requested_axes():
-    axes = list(zip(*GRID))
+    axes = list(zip(*GRID, strict=True))
     assert set(axes[0]) == {1, 2, 3}
     assert {type(p) for p in axes[2]} == {int, tuple, str}
     assert set(axes[4]) == {"zeros", "reflect", "replicate", "circular"}
@@ -95,7 +95,7 @@ def test_equals_per_channel_loop(dim, D):
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, weight, bias), g)
     grads_loop = torch.autograd.grad(y_loop, (x, weight, bias), g)
-    for a, b in zip(grads, grads_loop):
+    for a, b in zip(grads, grads_loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

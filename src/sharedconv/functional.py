@@ -12,7 +12,6 @@ grouped convolution with ``G`` tied banks, with one convolution call and no loop
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,8 @@ __all__ = ["shared_conv", "PADDING_MODES"]
 #: The padding modes accepted by the layers, as in :class:`torch.nn.Conv2d`.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-_IntOrTuple = Union[int, Sequence[int]]
-_Padding = Union[str, int, Sequence[int]]
+_IntOrTuple = int | Sequence[int]
+_Padding = str | int | Sequence[int]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -100,14 +99,15 @@ def _explicit_padding(
             total = dilation[i] * (kernel_size[i] - 1)
             left, right = total // 2, total - total // 2
         else:
-            left = right = padding[i]  # type: ignore[index]
+            assert isinstance(padding, tuple)
+            left = right = padding[i]
         pads += [left, right]
     return tuple(pads)
 
 
 def _uneven_same(weight: Tensor, dilation: tuple[int, ...]) -> bool:
     """Whether ``'same'`` padding needs one more element on the right in some dimension."""
-    return any(d * (k - 1) % 2 for d, k in zip(dilation, weight.shape[2:]))
+    return any(d * (k - 1) % 2 for d, k in zip(dilation, weight.shape[2:], strict=True))
 
 
 def _check_weight(weight: Tensor, bias: Tensor | None) -> int:

@@ -139,7 +139,7 @@ class _SharedConvNd(nn.Module):
         copies tied). Use it to export to tools that only know ``nn.ConvNd``, or to check
         this layer against PyTorch's grouped convolution.
         """
-        conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self._dim - 1]
+        conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self._dim - 1]
         conv = conv_cls(
             self.in_channels,
             self.out_channels,
@@ -156,6 +156,7 @@ class _SharedConvNd(nn.Module):
         with torch.no_grad():
             conv.weight.copy_(self.weight.repeat(self.groups, *([1] * (self._dim + 1))))
             if self.bias is not None:
+                assert conv.bias is not None
                 conv.bias.copy_(self.bias.repeat(self.groups))
         return conv
 
