@@ -1,0 +1,60 @@
+"""The benchmark CLI runs a tiny grid and writes JSON with every field (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sharedconv import bench
+
+FIELDS = {"saved_bytes", "param_bytes", "forward_flops", "forward_s", "forward_ratio",
+          "forward_backward_s", "forward_backward_ratio"}
+
+
+def test_cli_help_explains_itself():
+    result = subprocess.run([sys.executable, "-m", "sharedconv.bench", "--help"],
+                            capture_output=True, text=True, check=True)
+    for word in ("--suite", "--quick", "--allocator", "--device", "ratios", "interleaved"):
+        assert word in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_writes_json_with_every_field(tmp_path):
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "sharedconv.bench", "--quick", "--suite", "masked",
+         "--rounds", "1", "--min-time", "0.001", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tuned" in result.stdout  # re-executed with the allocator tunables
+    data = json.loads(out.read_text())
+    assert data["meta"]["allocator"].startswith("glibc malloc, tuned")
+    assert data["meta"]["device_type"] == "cpu"
+    (record,) = data["results"]
+    assert record["suite"] == "masked" and record["reference"] == "masked_shared"
+    assert set(record["approaches"]) == {"masked_shared", "naive_layer", "naive_repeat"}
+    for entry in record["approaches"].values():
+        assert FIELDS <= set(entry)
+        assert entry["forward_s"] > 0 and entry["forward_backward_s"] > 0
+    assert record["approaches"]["masked_shared"]["forward_ratio"] == 1.0
+    naive = record["approaches"]["naive_layer"]
+    fast = record["approaches"]["masked_shared"]
+    assert naive["forward_flops"] > 10 * fast["forward_flops"]  # exact counts, not timings
+    assert naive["saved_bytes"] > 10 * fast["saved_bytes"]
+
+
+def test_describe_allocator(monkeypatch):
+    for key in ("LD_PRELOAD", *bench.TUNED_ENV):
+        monkeypatch.delenv(key, raising=False)
+    assert bench.describe_allocator() == "glibc malloc, default"
+    for key, value in bench.TUNED_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert "tuned" in bench.describe_allocator()
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert bench.describe_allocator().startswith("jemalloc")
