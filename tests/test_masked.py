@@ -120,3 +120,19 @@ def test_errors(args, exc, fragments):
         masked_shared_conv1d(values["x"], values["mask"], values["w"], values["b"], **options)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_never_materialises_the_masked_tensor():
+    """Forward and backward: no tensor is as large as B*T*D*L (the naive path makes one)."""
+    from sharedconv.memory import largest_tensor
+
+    B, D, L, T, F_, k = 2, 16, 40, 12, 4, 5
+    x = torch.randn(B, D, L, requires_grad=True)
+    mask = torch.rand(B, T, L, requires_grad=True)
+    w = torch.randn(F_, D, k, requires_grad=True)
+    masked_bytes = B * T * D * L * 4
+    fast, _ = largest_tensor(masked_shared_conv1d, x, mask, w, padding=2, backward=True)
+    slow, _ = largest_tensor(naive_masked_shared_conv1d, x, mask, w, padding=2, backward=True)
+    assert slow >= masked_bytes
+    # the largest are the output, (B, T, F, L), and the mask windows, (B, L, T, k)
+    assert fast == B * T * max(F_, k) * L * 4 < masked_bytes

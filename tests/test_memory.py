@@ -72,3 +72,18 @@ def test_parameter_bytes():
     n = 4 * 2 * 3 + 4
     assert parameter_bytes(layer, with_grad=False) == 8 * n
     assert parameter_bytes(layer) == 16 * n
+
+
+def test_largest_tensor_sees_forward_and_backward():
+    from sharedconv.memory import largest_tensor
+
+    x = torch.randn(100, 20, requires_grad=True)
+    w = torch.randn(20, 30)
+    nbytes, op = largest_tensor(lambda a: (a @ w).sum(1), x)
+    assert nbytes == 100 * 30 * 4 and "mm" in op  # the product, larger than x and w
+    # backward of mm: grad_x = g @ w.T, (100, 20); the (100, 30) product stays the largest
+    assert largest_tensor(lambda a: a @ w, x, backward=True)[0] == 100 * 30 * 4
+    # a backward-only tensor is seen: sum's backward expands the scalar gradient
+    big = torch.randn(5, 1000, requires_grad=True)
+    assert largest_tensor(lambda a: a.sum(), big)[0] == 4
+    assert largest_tensor(lambda a: a.sum(), big, backward=True)[0] == 5 * 1000 * 4

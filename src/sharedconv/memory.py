@@ -9,6 +9,8 @@ Timings depend on the machine; these do not. They are what the book prints and a
   :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two).
 - :func:`op_counts` counts calls of ATen operators (``aten::convolution`` by default) with
   :mod:`torch.profiler`.
+- :func:`largest_tensor` finds the largest tensor any operator produced, forward and
+  backward, to prove that a computation never materialises some big intermediate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SavedTensors", "saved_tensors", "flops", "op_counts", "parameter_bytes"]
+__all__ = [
+    "SavedTensors",
+    "saved_tensors",
+    "flops",
+    "op_counts",
+    "largest_tensor",
+    "parameter_bytes",
+]
 
 
 @dataclass
@@ -124,6 +133,39 @@ def op_counts(
         if event.name in counts:
             counts[event.name] += 1
     return counts
+
+
+def largest_tensor(
+    fn: Callable[..., Any], *args: Any, backward: bool = False, **kwargs: Any
+) -> tuple[int, str]:
+    """Bytes and operator of the largest tensor produced while running ``fn`` (and backward).
+
+    Every ATen operator call is seen through a dispatch mode (the mechanism
+    :class:`~torch.utils.flop_counter.FlopCounterMode` is built on), views included (a view
+    allocates nothing but reports its own size, so the bound is conservative). With
+    ``backward=True``, ``out.sum()`` is differentiated too.
+
+    Returns:
+        ``(nbytes, operator name)`` of the largest output.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    largest: list[Any] = [0, ""]
+
+    class _Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor) and t.numel() * t.element_size() > largest[0]:
+                    largest[0], largest[1] = t.numel() * t.element_size(), str(func)
+            return out
+
+    with _Largest():
+        out = fn(*args, **kwargs)
+        if backward:
+            out.sum().backward()
+    return largest[0], largest[1]
 
 
 def parameter_bytes(module: nn.Module, with_grad: bool = True) -> int:
