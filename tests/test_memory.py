@@ -87,3 +87,13 @@ def test_largest_tensor_sees_forward_and_backward():
     big = torch.randn(5, 1000, requires_grad=True)
     assert largest_tensor(lambda a: a.sum(), big)[0] == 4
     assert largest_tensor(lambda a: a.sum(), big, backward=True)[0] == 5 * 1000 * 4
+
+
+def test_op_counts_under_vmap_counts_one_call():
+    x = torch.randn(2, 3, 16)
+    w = torch.randn(4, 1, 3)
+
+    def vmapped(x):
+        return torch.vmap(lambda xg: F.conv1d(xg, w), in_dims=1, out_dims=1)(x[:, :, None])
+
+    assert op_counts(vmapped, x) == {"aten::convolution": 1}

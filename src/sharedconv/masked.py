@@ -185,7 +185,7 @@ def masked_shared_conv1d(
 ) -> Tensor:
     r"""One shared 1-d convolution over ``T`` masked copies of ``x``, without making them.
 
-    Returns what :func:`naive_masked_shared_conv1d` returns, the convolution with the shared
+    Returns what :func:`~sharedconv.masked.naive_masked_shared_conv1d` returns, the convolution with the shared
     bank ``weight`` of each ``x * mask[:, t]`` for ``t < T``, computed from the tap
     responses of ``x`` and the shifted masks (see the module documentation), in about
     ``D`` times fewer FLOPs and with no tensor of size ``B * T * D * L``. Zero padding.
@@ -229,7 +229,7 @@ def naive_masked_shared_conv1d(
     padding: int | str = 0,
     dilation: int = 1,
 ) -> Tensor:
-    """The literal computation :func:`masked_shared_conv1d` replaces (the reference).
+    """The literal computation :func:`~sharedconv.masked_shared_conv1d` replaces (the reference).
 
     Builds the masked tensor ``(B, T, D, L)``, lays it out as ``(B, T * D, L)`` and runs the
     shared convolution with ``groups=T``. Same arguments, same result.

@@ -7,8 +7,7 @@ Timings depend on the machine; these do not. They are what the book prints and a
   (a storage shared by several saved tensors is counted once).
 - :func:`flops` counts floating-point operations with
   :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two).
-- :func:`op_counts` counts calls of ATen operators (``aten::convolution`` by default) with
-  :mod:`torch.profiler`.
+- :func:`op_counts` counts calls of ATen operators (``aten::convolution`` by default).
 - :func:`largest_tensor` finds the largest tensor any operator produced, forward and
   backward, to prove that a computation never materialises some big intermediate.
 """
@@ -119,19 +118,27 @@ def op_counts(
 ) -> dict[str, int]:
     """How many times each ATen operator in ``ops`` ran during ``fn(*args, **kwargs)``.
 
-    With ``backward=True`` the backward of ``out.sum()`` is included, so
+    Operators are seen through a dispatch mode, after composite operators such as
+    ``aten::conv1d`` have been decomposed, so every convolution shows up as
+    ``aten::convolution`` (one per real call, also under :func:`torch.vmap`). With
+    ``backward=True`` the backward of ``out.sum()`` is included, so
     ``"aten::convolution_backward"`` can be counted as well.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    counts = dict.fromkeys(ops, 0)
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            name = func._schema.name
+            if name in counts:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
         out = fn(*args, **kwargs)
         if backward:
             out.sum().backward()
-    counts = dict.fromkeys(ops, 0)
-    for event in prof.events():
-        if event.name in counts:
-            counts[event.name] += 1
     return counts
 
 
