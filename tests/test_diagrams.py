@@ -226,7 +226,8 @@ def _tile_colors(info) -> dict[str, tuple]:
     patches = [p for p in info.ax.patches if isinstance(p, FancyBboxPatch)]
     texts = [t for t in info.ax.texts if t.get_text().startswith("k")]
     assert len(patches) == len(texts)
-    return {t.get_text(): tuple(p.get_facecolor()) for p, t in zip(patches, texts)}
+    pairs = zip(patches, texts, strict=True)
+    return {t.get_text(): tuple(p.get_facecolor()) for p, t in pairs}
 
 
 def test_a_kernel_has_the_same_colour_in_both_schemes():

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +230,7 @@ def _palette() -> list[tuple[float, float, float]]:
     colors = list(colormaps["tab10"].colors)
     colors += [c for j, c in enumerate(colormaps["tab20"].colors) if j % 2]
     colors += list(colormaps["tab20b"].colors) + list(colormaps["tab20c"].colors)
-    return [tuple(float(v) for v in c[:3]) for c in colors]
+    return [(float(c[0]), float(c[1]), float(c[2])) for c in colors]
 
 
 def _ink_on(color: Sequence[float]) -> str:
@@ -490,7 +490,8 @@ def _render_grid(ax: Any, grid: _Grid) -> tuple[dict, dict, int, float, float, f
         for r, o in enumerate(grid.rows):
             neighbours = grid.rows[r - 1 : r + 2 : 2] if 0 < r < len(grid.rows) - 1 else []
             if o is None and len(neighbours) == 2 and None not in neighbours and (
-                grid.group_of_row(neighbours[0]) != grid.group_of_row(neighbours[1])
+                grid.group_of_row(neighbours[0])  # type: ignore[arg-type]
+                != grid.group_of_row(neighbours[1])  # type: ignore[arg-type]
             ):
                 canvas.dots(label_x - _text_w("group 0") / 2, ys[r], vertical=True)
 
@@ -798,7 +799,8 @@ def _resolve_weights(obj: Any, groups: int | None) -> tuple[Tensor, int, bool, s
         if groups is not None:
             raise ValueError(f"{func}: groups is read from the layer; pass it only with a "
                              f"weight tensor, got groups={groups!r}")
-        weight, groups, shared, name = obj.weight, spec.groups, spec.shared, spec.title()
+        weight = cast(Tensor, obj.weight)
+        groups, shared, name = spec.groups, spec.shared, spec.title()
     elif isinstance(obj, Tensor):
         weight, shared = obj, False
         groups = 1 if groups is None else _check_int("groups", groups, 1, func)
@@ -918,7 +920,8 @@ def _group_labels(ax: Any, positions: list[float], groups: list[int | None]) -> 
     """Label runs of rows of the same group on the right of ``ax`` ("group g")."""
     centers, labels = [], []
     run: list[float] = []
-    for pos, (g, nxt) in zip(positions, zip(groups, [*groups[1:], None])):
+    pairs = zip(groups, [*groups[1:], None], strict=True)
+    for pos, (g, nxt) in zip(positions, pairs, strict=True):
         if g is None:
             continue
         run.append(pos)
@@ -1105,7 +1108,7 @@ def _features_1d(plt: Any, maps: Tensor, streams: list, features: list, vmax: fl
     fig, axes = plt.subplots(len(real), 1, figsize=(7.0, height), sharex=True, squeeze=False,
                              layout="constrained")
     image = None
-    for ax, g in zip(axes[:, 0], real):
+    for ax, g in zip(axes[:, 0], real, strict=True):
         matrix = np.full((len(features), length), np.nan)
         for r, f in enumerate(features):
             if f is not None:

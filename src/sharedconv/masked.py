@@ -185,9 +185,10 @@ def masked_shared_conv1d(
 ) -> Tensor:
     r"""One shared 1-d convolution over ``T`` masked copies of ``x``, without making them.
 
-    Returns what :func:`~sharedconv.masked.naive_masked_shared_conv1d` returns, the convolution with the shared
-    bank ``weight`` of each ``x * mask[:, t]`` for ``t < T``, computed from the tap
-    responses of ``x`` and the shifted masks (see the module documentation), in about
+    Returns what :func:`~sharedconv.masked.naive_masked_shared_conv1d` returns: the
+    convolution with the shared bank ``weight`` of each ``x * mask[:, t]`` for ``t < T``,
+    computed from the tap responses of ``x`` and the shifted masks (see the module
+    documentation), in about
     ``D`` times fewer FLOPs and with no tensor of size ``B * T * D * L``. Zero padding.
 
     Args:
