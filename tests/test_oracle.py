@@ -143,3 +143,52 @@ def test_cuda_low_precision_matches_grouped_conv(dtype):
     tol = {torch.float32: {}, torch.float16: dict(rtol=1e-2, atol=1e-2),
            torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
     assert_matches_grouped_conv(layer, x, **tol)
+
+
+@pytest.mark.parametrize("D", [1, 2, 8, 9, 16])
+@pytest.mark.parametrize(
+    "stride,padding,dilation", [(1, 0, 1), (2, 3, 1), (3, 2, 2), (1, "same", 3)]
+)
+def test_1d_both_backward_paths_equal_grouped_conv(D, stride, padding, dilation):
+    """1-d input gradients by matrix product (D <= FEW_CHANNELS) or by oneDNN (above)."""
+    torch.manual_seed(5)
+    G, F_out = 3, 4
+    layer = sharedconv.SharedConv1d(G * D, G * F_out, 4, stride=stride, padding=padding,
+                                    dilation=dilation, groups=G, dtype=torch.float64)
+    x = torch.randn(2, G * D, 17, dtype=torch.float64, requires_grad=True)
+    few = sharedconv.functional._few_channels_path(x, layer.weight, layer.bias)
+    assert few == (D <= sharedconv.functional.FEW_CHANNELS)
+    assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
+
+
+def test_few_channels_path_only_when_it_helps():
+    path = sharedconv.functional._few_channels_path
+    w = torch.randn(4, 2, 3, requires_grad=True)
+    x = torch.randn(2, 2, 9)
+    assert path(x, w, None)
+    assert not path(x, w.detach(), None)  # nothing needs a gradient
+    with torch.no_grad():
+        assert not path(x, w, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not path(x, w, None)
+    assert not path(x, torch.randn(4, 9, 3, requires_grad=True), None)  # D above the limit
+
+
+def test_per_sample_gradients_with_torch_func():
+    """vmap over grad (per-sample gradients, as in differential privacy) works."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(6)
+    layer = sharedconv.SharedConv1d(4, 8, 3, groups=4, padding=1, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(5, 4, 12, dtype=torch.float64)
+
+    def loss(p, sample):
+        return functional_call(layer, p, (sample[None],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(5):
+        expected = torch.autograd.grad(loss(dict(layer.named_parameters()), x[i]),
+                                       list(layer.parameters()))
+        torch.testing.assert_close(per_sample["weight"][i], expected[0])
+        torch.testing.assert_close(per_sample["bias"][i], expected[1])

@@ -42,16 +42,19 @@ TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str
 
 @dataclass
 class Approach:
-    """One way of computing a case: ``make()`` returns ``(run, inputs)``.
+    """One way of computing a case.
 
-    ``run(*inputs)`` computes the output; ``params`` are the parameters it trains (for
-    the parameter bytes). ``grad_inputs`` are the tensors whose gradients fwd+bwd computes.
+    ``run(*inputs)`` computes the output; ``params`` are the parameters it trains (counted
+    as parameter bytes, not as saved bytes). The forward+backward pass back-propagates a
+    fixed random gradient ``grad_out`` of the output's shape and memory layout (set by
+    :func:`run_case`), so that only the approach's own backward is timed.
     """
 
     name: str
     run: Callable[..., torch.Tensor]
     inputs: tuple
     params: tuple = ()
+    grad_out: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,9 +108,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _fwd_bwd(approach: Approach) -> None:
-    out = approach.run(*approach.inputs)
-    # an elementwise loss, like a training step: its gradient keeps the output's layout
-    out.square().mean().backward()
+    approach.run(*approach.inputs).backward(approach.grad_out)
 
 
 def _zero_grads(approach: Approach) -> None:
@@ -158,9 +159,13 @@ def _time_interleaved(
 def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> dict[str, Any]:
     """Check, measure and time every approach of ``case``; return its JSON record."""
     outputs = {}
+    gen = torch.Generator(device=device).manual_seed(0)
     for a in case.approaches:
         with torch.no_grad():
-            outputs[a.name] = a.run(*a.inputs).float()
+            out = a.run(*a.inputs)
+        # randn_like keeps the output's strides: a downstream elementwise op would too
+        a.grad_out = torch.empty_like(out).normal_(generator=gen)
+        outputs[a.name] = out.float()
     ref = outputs[case.reference]
     for name, out in outputs.items():
         scale = ref.abs().max().item() or 1.0
@@ -246,7 +251,70 @@ def masked_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     return cases
 
 
+def _shared_cases(
+    suite: str, shapes: list[dict[str, int]], device: torch.device, dtype: torch.dtype
+) -> list[Case]:
+    """The layer against every baseline of :mod:`sharedconv.baselines`, at each shape."""
+    from . import baselines
+    from .functional import shared_conv
+
+    cases = []
+    for shape in shapes:
+        B, G, D, L, F_, k = (shape[n] for n in ("B", "G", "D", "L", "F", "k"))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(B, G * D, L, generator=g).to(device, dtype).requires_grad_()
+        bound = 1 / (D * k) ** 0.5
+        w = ((torch.rand(F_, D, k, generator=g) * 2 - 1) * bound).to(device, dtype)
+        b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
+        w.requires_grad_()
+        b.requires_grad_()
+        options = dict(groups=G, padding=k // 2)
+
+        def layer(x, w, b, options=options):
+            return shared_conv(x, w, b, **options)
+
+        approaches = [Approach("layer", layer, (x, w, b), (w, b))]
+        for name, fn in baselines.BASELINES.items():
+            approaches.append(
+                Approach(name, lambda x, w, b, fn=fn, o=options: fn(x, w, b, **o), (x, w, b),
+                         (w, b))
+            )
+        cases.append(Case(suite, shape, approaches, reference="layer"))
+    return cases
+
+
+def streams_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Seed 1: N single-channel streams, one bank of F filters (D = 1, G = C)."""
+    if quick:
+        return _shared_cases("streams", [dict(B=8, G=16, D=1, L=512, F=16, k=5)], device, dtype)
+    length = {4: 2048, 16: 1024, 64: 512, 256: 256}  # about the same work per shape
+    shapes = [
+        dict(B=8, G=C, D=1, L=length[C], F=F_, k=k)
+        for C in (4, 16, 64, 256)
+        for F_ in (8, 64)
+        for k in (3, 7)
+    ]
+    return _shared_cases("streams", shapes, device, dtype)
+
+
+def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Seed 2: G groups of D channels sharing one bank of F filters."""
+    if quick:
+        return _shared_cases("groups", [dict(B=2, G=512, D=8, L=64, F=16, k=5)], device, dtype)
+    shapes = [
+        dict(B=4, G=64, D=8, L=512, F=16, k=5),
+        dict(B=4, G=64, D=64, L=256, F=16, k=5),
+        dict(B=4, G=512, D=8, L=256, F=16, k=5),
+        dict(B=4, G=512, D=64, L=64, F=16, k=5),
+        dict(B=2, G=4096, D=8, L=64, F=16, k=5),
+        dict(B=2, G=4096, D=64, L=32, F=16, k=5),
+    ]
+    return _shared_cases("groups", shapes, device, dtype)
+
+
 SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
+    "streams": streams_cases,
+    "groups": groups_cases,
     "masked": masked_cases,
 }
 

@@ -191,11 +191,94 @@ def _fold_conv(
             mode = "constant" if padding_mode == "zeros" else padding_mode
             folded = F.pad(folded, pads, mode=mode)
         padding = (0,) * n
-    out = _CONV[n](folded, weight, bias, stride, padding, dilation)
+    if n == 1 and _few_channels_path(folded, weight, bias):
+        pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric here
+        out = _Conv1dFewChannels.apply(folded, weight, bias, stride[0], pad, dilation[0])
+    else:
+        out = _CONV[n](folded, weight, bias, stride, padding, dilation)
     # (B*G, F, *S_out) -> (B, G*F, *S_out): a view, unless the convolution returned a
     # channels_last output (channels_last weight), which this reshape has to copy.
     out = out.reshape(batch, groups * weight.shape[0], *out.shape[2:])
     return out if batched else out.squeeze(0)
+
+
+#: Up to this many input channels per group, the 1-d layer on the CPU computes its input
+#: gradient as a matrix product instead of oneDNN's backward-data convolution. oneDNN
+#: pads channels to its vector block (16 with AVX-512), so for a few channels that
+#: convolution costs as much as for 16; the matrix product costs what the channels need.
+#: Measured crossover on an AMD EPYC (2 threads): between 8 and 16 channels. See the
+#: chapter "Performance" for the measurements.
+FEW_CHANNELS = 8
+
+
+def _few_channels_path(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the 1-d convolution should use :class:`_Conv1dFewChannels`."""
+    return (
+        x.device.type == "cpu"
+        and weight.shape[1] <= FEW_CHANNELS
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    )
+
+
+def _conv1d_input_grad(
+    grad: Tensor, weight: Tensor, length: int, stride: int, padding: int, dilation: int
+) -> Tensor:
+    """Gradient of ``F.conv1d`` with respect to its input, as a matrix product.
+
+    ``cols[n, (d, j), l] = sum_f w[f, d, j] grad[n, f, l]`` is one matrix product; tap ``j``
+    of output ``l`` read input position ``l * stride + j * dilation - padding``, so each
+    tap's column is added back there (``k`` strided additions).
+    """
+    batch, f_out, l_out = grad.shape
+    _, channels, k = weight.shape
+    cols = torch.matmul(weight.reshape(f_out, channels * k).t(), grad)
+    cols = cols.view(batch, channels, k, l_out)
+    out = grad.new_zeros(batch, channels, length + 2 * padding)
+    span = stride * (l_out - 1) + 1
+    for j in range(k):
+        start = j * dilation
+        out[:, :, start : start + span : stride] += cols[:, :, j]
+    return out[:, :, padding : padding + length]
+
+
+class _Conv1dFewChannels(torch.autograd.Function):
+    """``F.conv1d`` whose input gradient is computed by :func:`_conv1d_input_grad`.
+
+    Forward, weight and bias gradients are PyTorch's own; autograd keeps the same tensors
+    as for ``F.conv1d`` (the input and the weight).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, dilation: int
+    ) -> Tensor:
+        return _CONV[1](x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, weight, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.options = (stride, padding, dilation, bias is not None)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.options
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and has_bias
+        grad_x = grad_w = grad_b = None
+        if need_w or need_b:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if has_bias else None, [stride],
+                [padding], [dilation], False, [0], 1, [False, need_w, need_b],
+            )
+        if need_x:
+            grad_x = _conv1d_input_grad(grad, weight, x.shape[2], stride, padding, dilation)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def shared_conv(

@@ -32,13 +32,13 @@ class _SharedConvNd(nn.Module):
     """Common base of the shared convolutions; ``_dim`` is set by the subclasses."""
 
     _dim: int
-    in_channels: int
-    out_channels: int
+    in_channels: int | None
+    out_channels: int | None
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
     padding: str | tuple[int, ...]
     dilation: tuple[int, ...]
-    groups: int
+    groups: int | None
     padding_mode: str
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -83,6 +83,8 @@ class _SharedConvNd(nn.Module):
         self.padding = _normalize_padding(padding, n, self.stride)
         self.dilation = _as_tuple(dilation, n, "dilation", minimum=1)
         self.groups = groups
+        self._in_per_group = in_channels // groups
+        self._out_per_group = out_channels // groups
         self.padding_mode = _check_padding_mode(padding_mode)
         factory = {"device": device, "dtype": dtype}
         shape = (out_channels // groups, in_channels // groups, *self.kernel_size)
@@ -93,15 +95,74 @@ class _SharedConvNd(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
+    @classmethod
+    def per_group(
+        cls,
+        in_per_group: int,
+        out_per_group: int,
+        kernel_size: _IntOrTuple,
+        stride: _IntOrTuple = 1,
+        padding: _Padding = 0,
+        dilation: _IntOrTuple = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """A layer for any number of groups, read from each input: ``G = C_in / D``.
+
+        For inputs whose group count is only known at run time (sets of streams of varying
+        size): the layer holds one bank of ``out_per_group`` filters over ``in_per_group``
+        channels, and an input with ``C_in = G * in_per_group`` channels gives
+        ``G * out_per_group`` output channels. The weight, its initialisation and the
+        errors are those of a layer built with ``groups=G``; an input whose channel count is
+        not a multiple of ``in_per_group`` is refused. ``groups``, ``in_channels`` and
+        ``out_channels`` are ``None``.
+
+        Example::
+
+            >>> conv = SharedConv1d.per_group(1, 16, 5, padding=2)  # one stream -> 16 maps
+            >>> conv(torch.randn(8, 3, 100)).shape                 # 3 streams
+            torch.Size([8, 48, 100])
+            >>> conv(torch.randn(8, 7, 100)).shape                 # 7 streams, same weight
+            torch.Size([8, 112, 100])
+        """
+        layer = cls(in_per_group, out_per_group, kernel_size, stride, padding, dilation, 1,
+                    bias, padding_mode, device, dtype)
+        layer.groups = layer.in_channels = layer.out_channels = None
+        return layer
+
     @property
     def in_per_group(self) -> int:
-        """Input channels each group has (``in_channels // groups``)."""
-        return self.in_channels // self.groups
+        """Input channels each group has, :math:`D` (``in_channels // groups``)."""
+        return self._in_per_group
 
     @property
     def out_per_group(self) -> int:
-        """Filters in the shared bank (``out_channels // groups``)."""
-        return self.out_channels // self.groups
+        """Filters in the shared bank, :math:`F` (``out_channels // groups``)."""
+        return self._out_per_group
+
+    def _groups_for(self, input: Tensor) -> int:
+        """``groups``, or for a :meth:`per_group` layer the number the input holds."""
+        if self.groups is not None:
+            return self.groups
+        who = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{who} expected a torch.Tensor input, got {type(input).__name__}")
+        n = self._dim
+        if input.dim() not in (n + 1, n + 2):
+            raise ValueError(
+                f"{who} expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, got a "
+                f"{input.dim()}-D input of shape {tuple(input.shape)}"
+            )
+        channels = input.shape[1 if input.dim() == n + 2 else 0]
+        if channels == 0 or channels % self._in_per_group:
+            raise ValueError(
+                f"{who} (groups read from the input) expected a positive multiple of "
+                f"{self._in_per_group} input channels (in_per_group), got {channels} in an "
+                f"input of shape {tuple(input.shape)}"
+            )
+        return channels // self._in_per_group
 
     def reset_parameters(self) -> None:
         """Initialise as ``nn.ConvNd`` does, with the same fan-in.
@@ -119,7 +180,8 @@ class _SharedConvNd(nn.Module):
                 init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor) -> Tensor:
-        batched = _check_input(input, self.weight, self.groups, type(self).__name__)
+        groups = self._groups_for(input)
+        batched = _check_input(input, self.weight, groups, type(self).__name__)
         return _fold_conv(
             input,
             self.weight,
@@ -127,46 +189,67 @@ class _SharedConvNd(nn.Module):
             self.stride,
             self.padding,
             self.dilation,
-            self.groups,
+            groups,
             self.padding_mode,
             batched,
         )
 
-    def to_conv(self) -> nn.Module:
+    def to_conv(self, groups: int | None = None) -> nn.Module:
         """The equivalent plain grouped ``nn.ConvNd``, with the shared bank copied ``groups`` times.
 
         The result holds its own parameters (a snapshot: training it does not keep the
         copies tied). Use it to export to tools that only know ``nn.ConvNd``, or to check
-        this layer against PyTorch's grouped convolution.
+        this layer against PyTorch's grouped convolution. ``groups`` is needed for a
+        :meth:`per_group` layer only (otherwise it must be omitted or equal ``self.groups``).
         """
+        if self.groups is None:
+            if groups is None:
+                raise ValueError(
+                    f"{type(self).__name__}.to_conv: this layer reads groups from its input; "
+                    "pass the number of groups, e.g. to_conv(groups=4)"
+                )
+            groups = _check_groups(groups)
+        elif groups is not None and groups != self.groups:
+            raise ValueError(
+                f"{type(self).__name__}.to_conv: the layer has groups={self.groups}, "
+                f"got groups={groups}"
+            )
+        else:
+            groups = self.groups
         conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self._dim - 1]
         conv = conv_cls(
-            self.in_channels,
-            self.out_channels,
+            groups * self._in_per_group,
+            groups * self._out_per_group,
             self.kernel_size,
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
-            groups=self.groups,
+            groups=groups,
             bias=self.bias is not None,
             padding_mode=self.padding_mode,
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(self.weight.repeat(self.groups, *([1] * (self._dim + 1))))
+            conv.weight.copy_(self.weight.repeat(groups, *([1] * (self._dim + 1))))
             if self.bias is not None:
                 assert conv.bias is not None
-                conv.bias.copy_(self.bias.repeat(self.groups))
+                conv.bias.copy_(self.bias.repeat(groups))
         return conv
 
     def extra_repr(self) -> str:
-        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
+        if self.groups is None:
+            s = "in_per_group={_in_per_group}, out_per_group={_out_per_group}, "
+            s += "kernel_size={kernel_size}, stride={stride}"
+        else:
+            s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
         if self.padding != (0,) * self._dim:
             s += ", padding={padding}"
         if self.dilation != (1,) * self._dim:
             s += ", dilation={dilation}"
-        if self.groups != 1:
+        if self.groups is None:
+            s += ", groups=read from the input"
+        elif self.groups != 1:
             s += ", groups={groups}"
         if self.bias is None:
             s += ", bias=False"
