@@ -66,6 +66,7 @@ class Case:
     approaches: list[Approach]
     reference: str
     notes: dict[str, Any] = field(default_factory=dict)
+    forward_only: bool = False  # the approaches compute a gradient themselves
 
 
 def describe_allocator() -> str:
@@ -176,13 +177,19 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
 
     record: dict[str, Any] = {"shape": case.shape, "reference": case.reference, "approaches": {}}
     for a in case.approaches:
-        report = saved_tensors(a.run, *a.inputs, exclude=a.params)
+        out = a.grad_out
+        assert out is not None
         entry = {
-            "saved_bytes": report.nbytes,
             "param_bytes": sum(p.numel() * p.element_size() for p in a.params),
             "forward_flops": flops(a.run, *a.inputs),
+            # the least memory traffic of a forward: read the inputs, write the output once
+            "min_forward_bytes": sum(t.numel() * t.element_size() for t in a.inputs
+                                     if isinstance(t, torch.Tensor))
+            + out.numel() * out.element_size(),
         }
-        if device.type == "cuda":
+        if not case.forward_only:
+            entry["saved_bytes"] = saved_tensors(a.run, *a.inputs, exclude=a.params).nbytes
+        if device.type == "cuda" and not case.forward_only:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -191,7 +198,7 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
             torch.cuda.synchronize(device)
             entry["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         record["approaches"][a.name] = entry
-    for kind in ("forward", "forward_backward"):
+    for kind in ("forward",) if case.forward_only else ("forward", "forward_backward"):
         times = _time_interleaved(case.approaches, kind, rounds, min_time, device)
         for name, seconds in times.items():
             record["approaches"][name][f"{kind}_s"] = seconds
@@ -312,7 +319,45 @@ def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     return _shared_cases("groups", shapes, device, dtype)
 
 
+def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """The rule behind ``FEW_CHANNELS``: a 1-d input gradient by oneDNN or by a matmul.
+
+    Both approaches compute the gradient of ``F.conv1d`` with respect to its input, from
+    the same output gradient, for ``D`` input channels: PyTorch's own backward
+    (``aten::convolution_backward``, input only) and
+    :func:`sharedconv.functional._conv1d_input_grad`. Forward timing only: the
+    approaches *are* backward passes.
+    """
+    from .functional import _conv1d_input_grad
+
+    channels = (1, 8, 16) if quick else (1, 2, 4, 8, 12, 16, 32, 64)
+    N, L, F_, k = (64, 256, 16, 5) if quick else (256, 512, 16, 5)
+    cases = []
+    for D in channels:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(N, D, L, generator=g).to(device, dtype)
+        w = torch.randn(F_, D, k, generator=g).to(device, dtype)
+        grad = torch.randn(N, F_, L, generator=g).to(device, dtype)
+        pad = k // 2
+
+        def onednn(grad, x, w, pad=pad):
+            return torch.ops.aten.convolution_backward(
+                grad, x, w, None, [1], [pad], [1], False, [0], 1, [True, False, False]
+            )[0]
+
+        def matmul(grad, x, w, pad=pad):
+            return _conv1d_input_grad(grad, w, x.shape[2], 1, pad, 1)
+
+        approaches = [Approach("convolution_backward", onednn, (grad, x, w)),
+                      Approach("matmul", matmul, (grad, x, w))]
+        shape = dict(N=N, D=D, L=L, F=F_, k=k)
+        cases.append(Case("input_grad", shape, approaches, reference="convolution_backward",
+                          forward_only=True))
+    return cases
+
+
 SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
+    "input_grad": input_grad_cases,
     "streams": streams_cases,
     "groups": groups_cases,
     "masked": masked_cases,
@@ -364,13 +409,17 @@ def _table(records: list[dict[str, Any]]) -> str:
     for rec in records:
         shape = " ".join(f"{k}={v}" for k, v in rec["shape"].items())
         lines.append(f"\n[{rec['suite']}] {shape}   (ratios to {rec['reference']})")
-        lines.append(f"  {'approach':18s} {'fwd ms':>9s} {'ratio':>7s} {'fwd+bwd ms':>11s} "
+        lines.append(f"  {'approach':20s} {'fwd ms':>9s} {'ratio':>7s} {'fwd+bwd ms':>11s} "
                      f"{'ratio':>7s} {'saved MiB':>10s} {'GFLOP':>8s}")
         for name, a in rec["approaches"].items():
+            fb = a.get("forward_backward_s")
+            both = (f"{fb * 1e3:11.2f} {a['forward_backward_ratio']:7.2f}" if fb is not None
+                    else f"{'-':>11s} {'-':>7s}")
+            saved = a.get("saved_bytes")
+            saved_s = f"{saved / 2**20:10.2f}" if saved is not None else f"{'-':>10s}"
             lines.append(
-                f"  {name:18s} {a['forward_s'] * 1e3:9.2f} {a['forward_ratio']:7.2f} "
-                f"{a['forward_backward_s'] * 1e3:11.2f} {a['forward_backward_ratio']:7.2f} "
-                f"{a['saved_bytes'] / 2**20:10.2f} {a['forward_flops'] / 1e9:8.3f}"
+                f"  {name:20s} {a['forward_s'] * 1e3:9.2f} {a['forward_ratio']:7.2f} "
+                f"{both} {saved_s} {a['forward_flops'] / 1e9:8.3f}"
             )
     return "\n".join(lines)
 
