@@ -320,39 +320,44 @@ def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
 
 
 def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
-    """The rule behind ``FEW_CHANNELS``: a 1-d input gradient by oneDNN or by a matmul.
+    """The rule behind ``FEW_CHANNELS``: the backward of a 1-d convolution, two ways.
 
-    Both approaches compute the gradient of ``F.conv1d`` with respect to its input, from
-    the same output gradient, for ``D`` input channels: PyTorch's own backward
-    (``aten::convolution_backward``, input only) and
-    :func:`sharedconv.functional._conv1d_input_grad`. Forward timing only: the
+    From the same output gradient, for ``D`` input channels: PyTorch's own backward
+    (``aten::convolution_backward`` for input, weight and bias at once) against the
+    layer's few-channel path (the same call for weight and bias, the input gradient by
+    :func:`sharedconv.functional._conv1d_input_grad`). Forward timing only: the
     approaches *are* backward passes.
     """
     from .functional import _conv1d_input_grad
 
-    channels = (1, 8, 16) if quick else (1, 2, 4, 8, 12, 16, 32, 64)
-    N, L, F_, k = (64, 256, 16, 5) if quick else (256, 512, 16, 5)
+    channels = (1, 4, 16) if quick else (1, 2, 3, 4, 6, 8, 16)
+    configs = [(256, 128, 16, 5)] if quick else [(1024, 64, 16, 5), (128, 512, 64, 7)]
     cases = []
-    for D in channels:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(N, D, L, generator=g).to(device, dtype)
-        w = torch.randn(F_, D, k, generator=g).to(device, dtype)
-        grad = torch.randn(N, F_, L, generator=g).to(device, dtype)
-        pad = k // 2
+    for N, L, F_, k in configs:
+        for D in channels:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(N, D, L, generator=g).to(device, dtype)
+            w = torch.randn(F_, D, k, generator=g).to(device, dtype)
+            grad = torch.randn(N, F_, L, generator=g).to(device, dtype)
+            pad = k // 2
 
-        def onednn(grad, x, w, pad=pad):
-            return torch.ops.aten.convolution_backward(
-                grad, x, w, None, [1], [pad], [1], False, [0], 1, [True, False, False]
-            )[0]
+            def backward(grad, x, w, pad=pad, mask=(True, True, True)):
+                return torch.ops.aten.convolution_backward(
+                    grad, x, w, [w.shape[0]], [1], [pad], [1], False, [0], 1, list(mask)
+                )
 
-        def matmul(grad, x, w, pad=pad):
-            return _conv1d_input_grad(grad, w, x.shape[2], 1, pad, 1)
+            def onednn(grad, x, w, pad=pad):
+                return backward(grad, x, w, pad)[0]
 
-        approaches = [Approach("convolution_backward", onednn, (grad, x, w)),
-                      Approach("matmul", matmul, (grad, x, w))]
-        shape = dict(N=N, D=D, L=L, F=F_, k=k)
-        cases.append(Case("input_grad", shape, approaches, reference="convolution_backward",
-                          forward_only=True))
+            def matmul(grad, x, w, pad=pad):
+                backward(grad, x, w, pad, (False, True, True))  # weight and bias as before
+                return _conv1d_input_grad(grad, w, x.shape[2], 1, pad, 1)
+
+            approaches = [Approach("convolution_backward", onednn, (grad, x, w)),
+                          Approach("matmul_input_grad", matmul, (grad, x, w))]
+            shape = dict(N=N, D=D, L=L, F=F_, k=k)
+            cases.append(Case("input_grad", shape, approaches,
+                              reference="convolution_backward", forward_only=True))
     return cases
 
 

@@ -204,11 +204,14 @@ def _fold_conv(
 
 #: Up to this many input channels per group, the 1-d layer on the CPU computes its input
 #: gradient as a matrix product instead of oneDNN's backward-data convolution. oneDNN
-#: pads channels to its vector block (16 with AVX-512), so for a few channels that
-#: convolution costs as much as for 16; the matrix product costs what the channels need.
-#: Measured crossover on an AMD EPYC (2 threads): between 8 and 16 channels. See the
-#: chapter "Performance" for the measurements.
-FEW_CHANNELS = 8
+#: pads channels to its vector block (16 floats with AVX-512), so for one or two channels
+#: that convolution costs about as much as for 16; the matrix product costs what the
+#: channels need. Measured on an AMD EPYC (2 threads), backward of weight, bias and input
+#: together: the matrix product wins by 1.2-2.5x at 1 and 2 channels, is mixed at 4
+#: (from 1.3x faster to 1.1x slower) and loses at 8 and above. The chapter
+#: "Performance" shows the measurements (``python -m sharedconv.bench --suite
+#: input_grad``).
+FEW_CHANNELS = 2
 
 
 def _few_channels_path(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -229,17 +232,19 @@ def _conv1d_input_grad(
 
     ``cols[n, (d, j), l] = sum_f w[f, d, j] grad[n, f, l]`` is one matrix product; tap ``j``
     of output ``l`` read input position ``l * stride + j * dilation - padding``, so each
-    tap's column is added back there (``k`` strided additions).
+    column goes back there: the ``col2im`` of :func:`torch.nn.functional.fold`, on a
+    signal seen as an image of height 1.
     """
     batch, f_out, l_out = grad.shape
     _, channels, k = weight.shape
-    cols = torch.matmul(weight.reshape(f_out, channels * k).t(), grad)
-    cols = cols.view(batch, channels, k, l_out)
-    out = grad.new_zeros(batch, channels, length + 2 * padding)
-    span = stride * (l_out - 1) + 1
-    for j in range(k):
-        start = j * dilation
-        out[:, :, start : start + span : stride] += cols[:, :, j]
+    cols = torch.matmul(weight.reshape(f_out, channels * k).t(), grad)  # (N, D*k, L_out)
+    padded = length + 2 * padding
+    # the positions a strided kernel never reaches at the end are not part of fold's image
+    reach = (l_out - 1) * stride + dilation * (k - 1) + 1
+    image = F.fold(cols, (1, reach), (1, k), dilation=(1, dilation), stride=(1, stride))
+    out = image.view(batch, channels, reach)
+    if reach < padded:
+        out = F.pad(out, (0, padded - reach))
     return out[:, :, padding : padding + length]
 
 
@@ -277,7 +282,11 @@ class _Conv1dFewChannels(torch.autograd.Function):
                 [padding], [dilation], False, [0], 1, [False, need_w, need_b],
             )
         if need_x:
-            grad_x = _conv1d_input_grad(grad, weight, x.shape[2], stride, padding, dilation)
+            # Outside double backward, a detached weight: ATen's matmul will not fold the
+            # batch into one matrix product for an operand that requires grad (a 6x slower
+            # path here), even under no_grad.
+            w = weight if torch.is_grad_enabled() else weight.detach()
+            grad_x = _conv1d_input_grad(grad, w, x.shape[2], stride, padding, dilation)
         return grad_x, grad_w, grad_b, None, None, None
 
 
