@@ -177,8 +177,8 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
 
     record: dict[str, Any] = {"shape": case.shape, "reference": case.reference, "approaches": {}}
     for a in case.approaches:
-        out = a.grad_out
-        assert out is not None
+        assert a.grad_out is not None
+        out: torch.Tensor = a.grad_out
         entry = {
             "param_bytes": sum(p.numel() * p.element_size() for p in a.params),
             "forward_flops": flops(a.run, *a.inputs),

@@ -200,7 +200,8 @@ class _SharedConvNd(nn.Module):
         The result holds its own parameters (a snapshot: training it does not keep the
         copies tied). Use it to export to tools that only know ``nn.ConvNd``, or to check
         this layer against PyTorch's grouped convolution. ``groups`` is needed for a
-        :meth:`~sharedconv.SharedConv1d.per_group` layer only (otherwise it must be omitted or equal ``self.groups``).
+        :meth:`~sharedconv.SharedConv1d.per_group` layer only (otherwise it must be
+        omitted or equal ``self.groups``).
         """
         if self.groups is None:
             if groups is None:
