@@ -178,14 +178,14 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
     record: dict[str, Any] = {"shape": case.shape, "reference": case.reference, "approaches": {}}
     for a in case.approaches:
         assert a.grad_out is not None
-        out: torch.Tensor = a.grad_out
+        result = a.grad_out  # of the output's shape and dtype
         entry = {
             "param_bytes": sum(p.numel() * p.element_size() for p in a.params),
             "forward_flops": flops(a.run, *a.inputs),
             # the least memory traffic of a forward: read the inputs, write the output once
             "min_forward_bytes": sum(t.numel() * t.element_size() for t in a.inputs
                                      if isinstance(t, torch.Tensor))
-            + out.numel() * out.element_size(),
+            + result.numel() * result.element_size(),
         }
         if not case.forward_only:
             entry["saved_bytes"] = saved_tensors(a.run, *a.inputs, exclude=a.params).nbytes
