@@ -346,3 +346,18 @@ def test_import_sharedconv_does_not_import_matplotlib():
     code = ("import sys, sharedconv, sharedconv.diagrams; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_per_group_layer_is_drawn_as_one_group():
+    """A layer that reads G from its input is drawn with its one bank (one group)."""
+    from sharedconv import SharedConv1d, diagrams
+
+    layer = SharedConv1d.per_group(2, 3, 5)
+    info = diagrams.draw_layer(layer)
+    assert (info.total_kernels, info.total_distinct) == (6, 6)
+    assert info.weight_shape == (3, 2, 5)
+    shown = diagrams.show_weights(layer)
+    assert shown.total_kernels == 6
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

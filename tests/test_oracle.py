@@ -192,3 +192,44 @@ def test_per_sample_gradients_with_torch_func():
                                        list(layer.parameters()))
         torch.testing.assert_close(per_sample["weight"][i], expected[0])
         torch.testing.assert_close(per_sample["bias"][i], expected[1])
+
+
+@pytest.mark.parametrize("G,D,F_out", [(4, 1, 8), (8, 3, 4), (6, 8, 16), (5, 2, 15)])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 2, 1), (2, "valid", 2)])
+def test_1d_grouped_bank_path(G, D, F_out, stride, padding, dilation):
+    """Few filters (or a few more channels): grouped conv with a temporary bank copy."""
+    torch.manual_seed(7)
+    layer = sharedconv.SharedConv1d(G * D, G * F_out, 3, stride=stride, padding=padding,
+                                    dilation=dilation, groups=G, dtype=torch.float64)
+    x = torch.randn(2, G * D, 256, dtype=torch.float64, requires_grad=True)
+    folded = x.reshape(2 * G, D, 256)
+    assert sharedconv.functional._grouped_path(folded, layer.weight, G)
+    assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
+    # autograd keeps the input and the one bank, not G copies of it
+    from sharedconv.memory import saved_tensors
+
+    report = saved_tensors(layer, x)
+    assert report.nbytes == 8 * (x.numel() + layer.weight.numel())
+
+
+def test_grouped_bank_path_gradgradcheck():
+    torch.manual_seed(8)
+    x = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert sharedconv.functional._grouped_path(x.reshape(8, 2, 12), w, 4)
+
+    def fn(x, w, b):
+        return sharedconv.shared_conv(x, w, b, groups=4, padding=1, stride=2)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_grouped_bank_path_only_when_copies_are_small():
+    path = sharedconv.functional._grouped_path
+    x = torch.randn(64, 1, 512)  # 64 groups of one channel
+    assert path(x, torch.randn(8, 1, 5), 64)  # 8 filters: fewer than a block
+    assert not path(x, torch.randn(64, 1, 5), 64)  # 64 filters: the fold
+    assert not path(x, torch.randn(8, 1, 5), 1)  # one group: nothing to group
+    assert not path(torch.randn(4096, 8, 4), torch.randn(8, 8, 5), 4096)  # copies too big

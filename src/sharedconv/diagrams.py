@@ -310,12 +310,15 @@ def _spec(layer: Any, func: str) -> _Spec:
             f"got {type(layer).__name__}"
         )
     bias = getattr(layer, "bias", None)
+    # A per_group layer reads its number of groups from each input: draw one group.
+    groups = 1 if layer.groups is None else int(layer.groups)
     return _Spec(
         name=type(layer).__name__,
         shared=shared,
-        in_channels=int(layer.in_channels),
-        out_channels=int(layer.out_channels),
-        groups=int(layer.groups),
+        in_channels=groups * int(layer.weight.shape[1]),
+        out_channels=int(layer.out_channels) if layer.out_channels is not None
+        else int(layer.weight.shape[0]),
+        groups=groups,
         kernel_size=tuple(int(k) for k in layer.kernel_size),
         weight_shape=tuple(layer.weight.shape),
         bias_shape=None if bias is None else tuple(bias.shape),
