@@ -194,7 +194,7 @@ def test_per_sample_gradients_with_torch_func():
         torch.testing.assert_close(per_sample["bias"][i], expected[1])
 
 
-@pytest.mark.parametrize("G,D,F_out", [(4, 1, 8), (8, 3, 4), (6, 8, 16), (5, 2, 15)])
+@pytest.mark.parametrize("G,D,F_out", [(4, 1, 8), (8, 3, 4), (16, 8, 8), (5, 2, 15)])
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 2, 1), (2, "valid", 2)])
 def test_1d_grouped_bank_path(G, D, F_out, stride, padding, dilation):
     """Few filters (or a few more channels): grouped conv with a temporary bank copy."""
@@ -229,7 +229,8 @@ def test_grouped_bank_path_gradgradcheck():
 def test_grouped_bank_path_only_when_copies_are_small():
     path = sharedconv.functional._grouped_path
     x = torch.randn(64, 1, 512)  # 64 groups of one channel
-    assert path(x, torch.randn(8, 1, 5), 64)  # 8 filters: fewer than a block
+    assert path(x, torch.randn(8, 1, 5), 16)  # 8 filters: fewer than a block
+    assert not path(x, torch.randn(8, 1, 5), 64)  # 64 x 8 output channels: the fold
     assert not path(x, torch.randn(64, 1, 5), 64)  # 64 filters: the fold
     assert not path(x, torch.randn(8, 1, 5), 1)  # one group: nothing to group
-    assert not path(torch.randn(4096, 8, 4), torch.randn(8, 8, 5), 4096)  # copies too big
+    assert not path(torch.randn(4096, 8, 4), torch.randn(8, 8, 5), 4096)  # many groups
