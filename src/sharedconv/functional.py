@@ -390,9 +390,13 @@ def shared_conv(
     r"""Grouped convolution whose ``groups`` filter banks are one shared tensor.
 
     Equal to ``F.convNd(input, weight.repeat(groups, 1, ...), bias.repeat(groups),
-    groups=groups)``, computed without the copies: the groups are folded into the batch
-    and a single ``F.convNd`` call applies the shared bank. The dimension (1-d, 2-d or
-    3-d) is taken from ``weight``.
+    groups=groups)``, computed without saving the copies: the groups are folded into the
+    batch and a single ``F.convNd`` call applies the shared bank. On the CPU, two 1-d
+    shapes take a faster route with the same result and the same saved tensors: one or
+    two channels per group (:data:`FEW_CHANNELS`) compute the input gradient as a matrix
+    product, and banks of fewer than :data:`BLOCK` filters over few groups run PyTorch's
+    grouped convolution on a temporary copy of the bank (the chapter "Performance" has the
+    measurements). The dimension (1-d, 2-d or 3-d) is taken from ``weight``.
 
     Args:
         input: Tensor of shape :math:`(N, G \cdot D, *S)` or, unbatched, :math:`(G \cdot D, *S)`.

@@ -296,7 +296,8 @@ class SharedConv1d(_SharedConvNd):
     computes when its ``G`` banks of ``F = out_channels // G`` filters are all equal, but
     stores that bank once and trains it once: its gradient is the sum of what every group
     contributes. Implemented with one ``F.conv1d`` call on a view that folds the groups
-    into the batch.
+    into the batch (on the CPU, with the faster routes of
+    :func:`~sharedconv.functional.shared_conv` for a few channels or a few filters).
 
     Two common uses:
 
