@@ -133,19 +133,24 @@ def _check_weight(weight: Tensor, bias: Tensor | None) -> int:
     return weight.dim() - 2
 
 
-def _check_input(x: Tensor, weight: Tensor, groups: int, who: str) -> bool:
-    """Validate the input of a shared convolution with ``weight``; return whether batched."""
-    n, in_per_group = weight.dim() - 2, weight.shape[1]
+def _check_rank(x: Tensor, n: int, who: str) -> bool:
+    """``x`` is a tensor of an ``n``-d convolution's rank; return whether it is batched."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expected a torch.Tensor input, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{who} expected a floating-point input, got dtype {x.dtype}")
     if x.dim() not in (n + 1, n + 2):
         raise ValueError(
             f"{who} expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, got a "
             f"{x.dim()}-D input of shape {tuple(x.shape)}"
         )
-    batched = x.dim() == n + 2
+    return x.dim() == n + 2
+
+
+def _check_input(x: Tensor, weight: Tensor, groups: int, who: str) -> bool:
+    """Validate the input of a shared convolution with ``weight``; return whether batched."""
+    n, in_per_group = weight.dim() - 2, weight.shape[1]
+    if isinstance(x, Tensor) and not x.is_floating_point():
+        raise TypeError(f"{who} expected a floating-point input, got dtype {x.dtype}")
+    batched = _check_rank(x, n, who)
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
             f"{who} expected an input of the weight's dtype {weight.dtype}, got {x.dtype} "

@@ -19,6 +19,7 @@ from .functional import (
     _check_groups,
     _check_input,
     _check_padding_mode,
+    _check_rank,
     _fold_conv,
     _IntOrTuple,
     _normalize_padding,
@@ -147,15 +148,8 @@ class _SharedConvNd(nn.Module):
         if self.groups is not None:
             return self.groups
         who = type(self).__name__
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{who} expected a torch.Tensor input, got {type(input).__name__}")
-        n = self._dim
-        if input.dim() not in (n + 1, n + 2):
-            raise ValueError(
-                f"{who} expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, got a "
-                f"{input.dim()}-D input of shape {tuple(input.shape)}"
-            )
-        channels = input.shape[1 if input.dim() == n + 2 else 0]
+        batched = _check_rank(input, self._dim, who)
+        channels = input.shape[1 if batched else 0]
         if channels == 0 or channels % self._in_per_group:
             raise ValueError(
                 f"{who} (groups read from the input) expected a positive multiple of "
