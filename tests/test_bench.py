@@ -58,3 +58,61 @@ def test_describe_allocator(monkeypatch):
     assert "tuned" in bench.describe_allocator()
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert bench.describe_allocator().startswith("jemalloc")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["streams", "groups", "input_grad"])
+def test_quick_suites_agree_and_record(suite):
+    """Every quick case checks its approaches against each other before timing them."""
+    import torch
+
+    cases = bench.SUITES[suite](torch.device("cpu"), torch.float32, True)
+    assert cases
+    for case in cases:
+        record = bench.run_case(case, torch.device("cpu"), rounds=1, min_time=0.001)
+        assert set(record["approaches"]) == {a.name for a in case.approaches}
+        assert record["approaches"][case.reference]["forward_ratio"] == 1.0
+        if suite == "input_grad":
+            assert set(record["approaches"]) == {
+                "folded_input_grad", "grouped_input_grad", "folded_weight_grad",
+                "grouped_weight_grad"}
+        else:
+            assert {"layer", "fold", "grouped_expand"} <= set(record["approaches"])
+            layer = record["approaches"]["layer"]
+            # the layer saves what the bare fold saves (input and one bank), never more
+            assert layer["saved_bytes"] == record["approaches"]["fold"]["saved_bytes"]
+
+
+def test_input_grad_case_catches_a_wrong_approach():
+    import torch
+
+    (case, *_) = bench.input_grad_cases(torch.device("cpu"), torch.float32, True)
+    wrong = case.approaches[1]
+    wrong.run = lambda grad, x, w, run=wrong.run: run(grad, x, w) * 1.5
+    with pytest.raises(AssertionError, match="grouped_input_grad disagrees"):
+        bench.run_case(case, torch.device("cpu"), rounds=1, min_time=0.001)
+
+
+def test_timers_use_the_threads_the_json_records(monkeypatch):
+    """torch.utils.benchmark.Timer defaults to one thread; the bench must not."""
+    import torch
+    import torch.utils.benchmark as tub
+
+    seen = []
+    real = tub.Timer
+
+    def recording_timer(*args, **kwargs):
+        seen.append(kwargs.get("num_threads", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tub, "Timer", recording_timer)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not Timer's default of one
+    try:
+        x = torch.randn(4)
+        approach = bench.Approach("sum", lambda x: x.sum(), (x,))
+        bench._time_interleaved([approach], "forward", rounds=1, min_time=0.001,
+                                device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]

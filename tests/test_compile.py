@@ -18,11 +18,19 @@ needs_compiler = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
-def test_compile_fullgraph_inductor(mode):
+@pytest.mark.parametrize(
+    "in_per_group,out_per_group,route",
+    [(3, 6, "grouped"), (8, 16, "grouped input gradient"), (5, 16, None)],
+)
+def test_compile_fullgraph_inductor(mode, in_per_group, out_per_group, route):
+    """Each of the CPU routes (see functional._cpu_route) compiles in one graph."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = sharedconv.SharedConv1d(12, 24, 5, groups=4, padding=2, padding_mode=mode)
-    x = torch.randn(3, 12, 32, requires_grad=True)
+    layer = sharedconv.SharedConv1d(4 * in_per_group, 4 * out_per_group, 5, groups=4,
+                                    padding=2, padding_mode=mode)
+    x = torch.randn(3, 4 * in_per_group, 32, requires_grad=True)
+    padded = torch.nn.functional.pad(x, (2, 2)) if mode != "zeros" else x
+    assert sharedconv.functional._cpu_route(padded, layer.weight, layer.bias, 4) == route
     compiled = torch.compile(layer, fullgraph=True)  # raises on any graph break
     y, y_ref = compiled(x), layer(x)
     torch.testing.assert_close(y, y_ref)

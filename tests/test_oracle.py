@@ -145,33 +145,79 @@ def test_cuda_low_precision_matches_grouped_conv(dtype):
     assert_matches_grouped_conv(layer, x, **tol)
 
 
-@pytest.mark.parametrize("D", [1, 2, 3, 8, 16])
+def _graph_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``out``."""
+    names, stack, seen = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 4, 5, 8, 12, 16])
 @pytest.mark.parametrize(
     "stride,padding,dilation", [(1, 0, 1), (2, 3, 1), (3, 2, 2), (1, "same", 3)]
 )
-def test_1d_both_backward_paths_equal_grouped_conv(D, stride, padding, dilation):
-    """1-d input gradients by matrix product (D <= FEW_CHANNELS) or by oneDNN (above)."""
+def test_1d_both_input_gradient_paths_equal_grouped_conv(D, stride, padding, dilation):
+    """1-d input gradients from the grouped convolution (D in GROUPED_INPUT_GRAD) or from
+    the folded one (other D)."""
     torch.manual_seed(5)
-    G, F_out = 3, 4
+    G, F_out = 3, 16  # 16 filters: not the grouped-bank path
     layer = sharedconv.SharedConv1d(G * D, G * F_out, 4, stride=stride, padding=padding,
                                     dilation=dilation, groups=G, dtype=torch.float64)
-    x = torch.randn(2, G * D, 17, dtype=torch.float64, requires_grad=True)
-    few = sharedconv.functional._few_channels_path(x, layer.weight, layer.bias)
-    assert few == (D <= sharedconv.functional.FEW_CHANNELS)
+    x = torch.randn(2, G * D, 70, dtype=torch.float64, requires_grad=True)
+    expected = D in sharedconv.functional.GROUPED_INPUT_GRAD
+    route = sharedconv.functional._cpu_route(x, layer.weight, layer.bias, G)
+    assert route == (sharedconv.functional.GROUPED_INPUT if expected else None)
+    assert ("_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))) == expected
     assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
+    # autograd keeps what the bare folded convolution keeps: the (padded) input, one bank
+    from sharedconv.baselines import fold
+    from sharedconv.memory import saved_tensors
+
+    options = dict(groups=G, stride=stride, padding=padding, dilation=dilation)
+    bare = saved_tensors(fold, x, layer.weight, layer.bias, **options, exclude=[layer.weight])
+    assert saved_tensors(layer, x, exclude=[layer.weight]).nbytes == bare.nbytes > 0
 
 
-def test_few_channels_path_only_when_it_helps():
-    path = sharedconv.functional._few_channels_path
-    w = torch.randn(4, 2, 3, requires_grad=True)
-    x = torch.randn(2, 2, 9)
-    assert path(x, w, None)
-    assert not path(x, w.detach(), None)  # nothing needs a gradient
+def test_grouped_input_grad_path_gradgradcheck():
+    torch.manual_seed(9)
+    x = torch.randn(2, 3 * 4, 40, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return sharedconv.shared_conv(x, w, b, groups=3, padding=2, stride=2, dilation=2)
+
+    assert sharedconv.functional._cpu_route(x, w, b, 3) == sharedconv.functional.GROUPED_INPUT
+    assert "_Conv1dSharedCPUBackward" in _graph_nodes(fn(x, w, b))
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_grouped_input_grad_path_only_when_it_helps():
+    def path(x, w, groups):
+        route = sharedconv.functional._cpu_route(x, w, None, groups)
+        return route == sharedconv.functional.GROUPED_INPUT
+
+    w = torch.randn(16, 2, 3)
+    x = torch.randn(2, 8, 64, requires_grad=True)  # (B, G * D, L) with G = 4, D = 2
+    assert path(x, w, 4)
+    assert not path(x.detach(), w, 4)  # the input's gradient is not needed
     with torch.no_grad():
-        assert not path(x, w, None)
+        assert not path(x, w, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not path(x, w, None)
-    assert not path(x, torch.randn(4, 9, 3, requires_grad=True), None)  # D above the limit
+        assert not path(x, w, 4)
+    assert not path(x, w, 1)  # one group: the grouped convolution is the folded one
+    x6 = torch.randn(2, 24, 64, requires_grad=True)
+    assert not path(x6, torch.randn(16, 6, 3), 4)  # D = 6: the folded one is faster
+    # a bank copy per group larger than the input gradient: not worth the memory
+    assert not path(torch.randn(2, 8, 4, requires_grad=True), w, 4)
+    assert not path(x.to("meta"), w.to("meta"), 4)  # not on the CPU
 
 
 def test_per_sample_gradients_with_torch_func():
@@ -202,8 +248,9 @@ def test_1d_grouped_bank_path(G, D, F_out, stride, padding, dilation):
     layer = sharedconv.SharedConv1d(G * D, G * F_out, 3, stride=stride, padding=padding,
                                     dilation=dilation, groups=G, dtype=torch.float64)
     x = torch.randn(2, G * D, 256, dtype=torch.float64, requires_grad=True)
-    folded = x.reshape(2 * G, D, 256)
-    assert sharedconv.functional._grouped_path(folded, layer.weight, G)
+    route = sharedconv.functional._cpu_route(x, layer.weight, layer.bias, G)
+    assert route == sharedconv.functional.GROUPED
+    assert "_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))
     assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
     # autograd keeps the input and the one bank, not G copies of it
     from sharedconv.memory import saved_tensors
@@ -217,7 +264,7 @@ def test_grouped_bank_path_gradgradcheck():
     x = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert sharedconv.functional._grouped_path(x.reshape(8, 2, 12), w, 4)
+    assert sharedconv.functional._cpu_route(x, w, b, 4) == sharedconv.functional.GROUPED
 
     def fn(x, w, b):
         return sharedconv.shared_conv(x, w, b, groups=4, padding=1, stride=2)
@@ -227,10 +274,15 @@ def test_grouped_bank_path_gradgradcheck():
 
 
 def test_grouped_bank_path_only_when_copies_are_small():
-    path = sharedconv.functional._grouped_path
-    x = torch.randn(64, 1, 512)  # 64 groups of one channel
-    assert path(x, torch.randn(8, 1, 5), 16)  # 8 filters: fewer than a block
-    assert not path(x, torch.randn(8, 1, 5), 64)  # 64 x 8 output channels: the fold
-    assert not path(x, torch.randn(64, 1, 5), 64)  # 64 filters: the fold
-    assert not path(x, torch.randn(8, 1, 5), 1)  # one group: nothing to group
-    assert not path(torch.randn(4096, 8, 4), torch.randn(8, 8, 5), 4096)  # many groups
+    def path(x, w, groups):
+        route = sharedconv.functional._cpu_route(x, w, None, groups)
+        return route == sharedconv.functional.GROUPED
+
+    x = torch.randn(1, 64, 512)  # 64 channels: 64 groups of one, or fewer of more
+    assert path(x[:, :16], torch.randn(8, 1, 5), 16)  # 8 filters x 16 groups: 128
+    assert path(x, torch.randn(8, 4, 5), 16)  # 8 filters: fewer than a block
+    assert not path(x, torch.randn(8, 1, 5), 64)  # 64 x 8 output channels: not grouped
+    assert not path(x, torch.randn(64, 1, 5), 64)  # 64 filters: not grouped
+    assert not path(x, torch.randn(8, 64, 5), 1)  # one group: nothing to group
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not path(x, torch.randn(8, 4, 5), 16)

@@ -67,6 +67,8 @@ class Case:
     reference: str
     notes: dict[str, Any] = field(default_factory=dict)
     forward_only: bool = False  # the approaches compute a gradient themselves
+    #: the approach each one must agree with, where that is not ``reference``
+    agree_with: dict[str, str] = field(default_factory=dict)
 
 
 def describe_allocator() -> str:
@@ -139,7 +141,11 @@ def _time_interleaved(
 
         return fwd_bwd
 
-    timers = {a.name: Timer("f()", globals={"f": stmt_for(a)}) for a in approaches}
+    # Timer runs with one thread unless told otherwise: time with the threads this
+    # process has, the ones the recorded ``threads`` field names
+    threads = torch.get_num_threads()
+    timers = {a.name: Timer("f()", globals={"f": stmt_for(a)}, num_threads=threads)
+              for a in approaches}
     # one calibration per approach: how many calls make one sample of ~min_time
     number = {}
     for name, timer in timers.items():
@@ -167,13 +173,16 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
         # randn_like keeps the output's strides: a downstream elementwise op would too
         a.grad_out = torch.empty_like(out).normal_(generator=gen)
         outputs[a.name] = out.float()
-    ref = outputs[case.reference]
     for name, out in outputs.items():
+        ref = outputs[case.agree_with.get(name, case.reference)]
+        if out.shape != ref.shape:
+            raise AssertionError(f"{case.suite} {case.shape}: {name} has shape "
+                                 f"{tuple(out.shape)}, expected {tuple(ref.shape)}")
         scale = ref.abs().max().item() or 1.0
         err = (out - ref).abs().max().item() / scale
-        if out.shape != ref.shape or err > 1e-2:
+        if err > 1e-2:
             raise AssertionError(f"{case.suite} {case.shape}: {name} disagrees ({err:.2e})")
-    del outputs, ref
+    del outputs
 
     record: dict[str, Any] = {"shape": case.shape, "reference": case.reference, "approaches": {}}
     for a in case.approaches:
@@ -328,44 +337,57 @@ def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
 
 
 def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
-    """The rule behind ``FEW_CHANNELS``: the backward of a 1-d convolution, two ways.
+    """The rule behind ``GROUPED_INPUT_GRAD``: a 1-d backward pass, folded or grouped.
 
-    From the same output gradient, for ``D`` input channels: PyTorch's own backward
-    (``aten::convolution_backward`` for input, weight and bias at once) against the
-    layer's few-channel path (the same call for weight and bias, the input gradient by
-    :func:`sharedconv.functional._conv1d_input_grad`). Forward timing only: the
-    approaches *are* backward passes.
+    From the same output gradient ``(B, G * F, L)``, for ``D`` input channels per group:
+    the input gradient, and the weight and bias gradients, each computed by
+    ``aten::convolution_backward`` on the folded view (one bank, a batch of ``B * G``) and
+    on the grouped view (``G`` groups, with ``G`` copies of the bank made in the timed
+    call and, for the weight, the ``G`` bank gradients summed). Forward timing only: the
+    approaches *are* backward passes. Ratios are to the folded input gradient.
     """
-    from .functional import _conv1d_input_grad
-
-    channels = (1, 4, 16) if quick else (1, 2, 3, 4, 6, 8, 16)
-    configs = [(256, 128, 16, 5)] if quick else [(1024, 64, 16, 5), (128, 512, 64, 7)]
+    channels = (1, 4, 8, 16) if quick else tuple(range(1, 17))
+    configs = [(2, 16, 128, 16, 5)] if quick else [(4, 64, 512, 16, 5), (2, 1024, 64, 32, 3)]
+    backward = torch.ops.aten.convolution_backward
     cases = []
-    for N, L, F_, k in configs:
+    for B, G, L, F_, k in configs:
         for D in channels:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(N, D, L, generator=g).to(device, dtype)
+            x = torch.randn(B, G * D, L, generator=g).to(device, dtype)
             w = torch.randn(F_, D, k, generator=g).to(device, dtype)
-            grad = torch.randn(N, F_, L, generator=g).to(device, dtype)
-            pad = k // 2
+            grad = torch.randn(B, G * F_, L, generator=g).to(device, dtype)
+            conv = ([1], [k // 2], [1], False, [0])
 
-            def backward(grad, x, w, pad=pad, mask=(True, True, True)):
-                return torch.ops.aten.convolution_backward(
-                    grad, x, w, [w.shape[0]], [1], [pad], [1], False, [0], 1, list(mask)
-                )
+            def folded_input(grad, x, w, G=G, conv=conv):
+                n = x.shape[0] * G
+                return backward(grad.view(n, -1, grad.shape[2]), x.view(n, -1, x.shape[2]),
+                                w, None, *conv, 1, [True, False, False])[0].view(x.shape)
 
-            def onednn(grad, x, w, pad=pad):
-                return backward(grad, x, w, pad)[0]
+            def grouped_input(grad, x, w, G=G, conv=conv):
+                copies = w.expand(G, *w.shape).reshape(-1, *w.shape[1:])
+                return backward(grad, x, copies, None, *conv, G, [True, False, False])[0]
 
-            def matmul(grad, x, w, pad=pad):
-                backward(grad, x, w, pad, (False, True, True))  # weight and bias as before
-                return _conv1d_input_grad(grad, w, x.shape[2], 1, pad, 1)
+            def folded_weight(grad, x, w, G=G, conv=conv):
+                n = x.shape[0] * G
+                return backward(grad.view(n, -1, grad.shape[2]), x.view(n, -1, x.shape[2]),
+                                w, [w.shape[0]], *conv, 1, [False, True, True])[1]
 
-            approaches = [Approach("convolution_backward", onednn, (grad, x, w)),
-                          Approach("matmul_input_grad", matmul, (grad, x, w))]
-            shape = dict(N=N, D=D, L=L, F=F_, k=k)
+            def grouped_weight(grad, x, w, G=G, conv=conv):
+                copies = w.expand(G, *w.shape).reshape(-1, *w.shape[1:])
+                out = backward(grad, x, copies, [copies.shape[0]], *conv, G,
+                               [False, True, True])
+                return out[1].view(G, *w.shape).sum(0)
+
+            approaches = [Approach(name, fn, (grad, x, w)) for name, fn in (
+                ("folded_input_grad", folded_input), ("grouped_input_grad", grouped_input),
+                ("folded_weight_grad", folded_weight), ("grouped_weight_grad", grouped_weight),
+            )]
+            shape = dict(B=B, G=G, D=D, L=L, F=F_, k=k)
             cases.append(Case("input_grad", shape, approaches,
-                              reference="convolution_backward", forward_only=True))
+                              reference="folded_input_grad", forward_only=True,
+                              # PyTorch's folded weight gradient is the other reference
+                              agree_with={"grouped_weight_grad": "folded_weight_grad",
+                                          "folded_weight_grad": "folded_weight_grad"}))
     return cases
 
 

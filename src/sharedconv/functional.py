@@ -185,47 +185,52 @@ def _fold_conv(
     n = weight.dim() - 2
     if not batched:
         x = x.unsqueeze(0)
-    batch, spatial = x.shape[0], x.shape[2:]
-    # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise.
-    folded = x.reshape(batch * groups, weight.shape[1], *spatial)
     if padding_mode != "zeros" or (padding == "same" and _uneven_same(weight, dilation)):
         # Pad explicitly: the non-zero modes always, and an uneven 'same' too (ATen would
-        # make the same zero-padded copy, with a warning).
+        # make the same zero-padded copy, with a warning). Padding acts on the spatial
+        # dimensions only, so it is the same before and after the fold.
         pads = _explicit_padding(padding, weight.shape[2:], dilation)
         if any(pads):
             mode = "constant" if padding_mode == "zeros" else padding_mode
-            folded = F.pad(folded, pads, mode=mode)
+            x = F.pad(x, pads, mode=mode)
         padding = (0,) * n
-    if n == 1 and _grouped_path(folded, weight, groups):
-        pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric here
-        grouped = folded.reshape(batch, groups * weight.shape[1], folded.shape[2])
-        options = (groups, stride[0], pad, dilation[0])
-        if _needs_grad(folded, weight, bias):
-            out = _Conv1dGroupedBank.apply(grouped, weight, bias, *options)
-        else:  # nothing to save: skip the autograd.Function's overhead
-            out = _Conv1dGroupedBank.forward(grouped, weight, bias, *options)
-        out = out.view(batch * groups, weight.shape[0], -1)
-    elif n == 1 and _few_channels_path(folded, weight, bias):
-        pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric here
-        out = _Conv1dFewChannels.apply(folded, weight, bias, stride[0], pad, dilation[0])
-    else:
-        out = _CONV[n](folded, weight, bias, stride, padding, dilation)
+    if n == 1:
+        route = _cpu_route(x, weight, bias, groups)
+        if route is not None:
+            pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric
+            options = (groups, stride[0], pad, dilation[0], route)
+            if _needs_grad(x, weight, bias):
+                out = _Conv1dSharedCPU.apply(x, weight, bias, options)
+            else:  # nothing to save: skip the autograd.Function's overhead
+                out = _Conv1dSharedCPU.forward(x, weight, bias, options)
+            return out if batched else out.squeeze(0)
+    batch, spatial = x.shape[0], x.shape[2:]
+    # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise.
+    folded = x.reshape(batch * groups, weight.shape[1], *spatial)
+    out = _CONV[n](folded, weight, bias, stride, padding, dilation)
     # (B*G, F, *S_out) -> (B, G*F, *S_out): a view, unless the convolution returned a
     # channels_last output (channels_last weight), which this reshape has to copy.
     out = out.reshape(batch, groups * weight.shape[0], *out.shape[2:])
     return out if batched else out.squeeze(0)
 
 
-#: Up to this many input channels per group, the 1-d layer on the CPU computes its input
-#: gradient as a matrix product instead of oneDNN's backward-data convolution. oneDNN
-#: pads channels to its vector block (16 floats with AVX-512), so for one or two channels
-#: that convolution costs about as much as for 16; the matrix product costs what the
-#: channels need. Measured on an AMD EPYC (2 threads), backward of weight, bias and input
-#: together: the matrix product wins by 1.2-2.5x at 1 and 2 channels, is mixed at 4
-#: (from 1.3x faster to 1.1x slower) and loses at 8 and above. The chapter
-#: "Performance" shows the measurements (``python -m sharedconv.bench --suite
-#: input_grad``).
-FEW_CHANNELS = 2
+#: oneDNN's channel block on this kind of CPU (16 floats with AVX-512). A folded
+#: convolution with fewer filters than this pads its output channels to a block; PyTorch's
+#: grouped convolution blocks across the ``G * F`` channels of all groups instead.
+BLOCK = 16
+
+#: Input channels per group for which the 1-d layer on the CPU takes its input gradient
+#: from PyTorch's grouped convolution (on a temporary copy of the bank per group) instead
+#: of from the folded convolution. oneDNN computes the folded backward-data convolution
+#: in blocks of :data:`BLOCK` input channels, so with fewer channels it costs about what
+#: 16 would; the grouped convolution packs the ``groups * D`` channels of all groups into
+#: its blocks, at these ``D``. Measured on an AMD EPYC (2 threads): the grouped input
+#: gradient is 1.5-3.9x faster at D = 1, 2, 3, 4 and 8, and slower at 5-7 and 9-16
+#: (``python -m sharedconv.bench --suite input_grad``; the chapter "Performance").
+GROUPED_INPUT_GRAD = (1, 2, 3, 4, 8)
+
+#: The routes of :class:`_Conv1dSharedCPU`.
+GROUPED, GROUPED_INPUT = "grouped", "grouped input gradient"
 
 
 def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -235,151 +240,136 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     )
 
 
-def _few_channels_path(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether the 1-d convolution should use :class:`_Conv1dFewChannels`."""
-    return (
-        x.device.type == "cpu"
-        and weight.shape[1] <= FEW_CHANNELS
-        and not torch.is_autocast_enabled("cpu")
-        and _needs_grad(x, weight, bias)
-    )
+def _cpu_route(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> str | None:
+    """The faster CPU route for a 1-d shared convolution of ``x`` ``(B, G * D, L)``, if any.
 
+    :data:`GROUPED`: a bank of fewer than :data:`BLOCK` filters over few groups
+    (``groups * F <= 128``). There the folded convolution fills a fraction of its output
+    channel block and PyTorch's grouped convolution is faster, forward and backward; with
+    more groups the folded forward is faster again.
 
-def _conv1d_input_grad(
-    grad: Tensor, weight: Tensor, length: int, stride: int, padding: int, dilation: int
-) -> Tensor:
-    """Gradient of ``F.conv1d`` with respect to its input, as a matrix product.
+    :data:`GROUPED_INPUT`: the input's gradient is needed, ``D`` is in
+    :data:`GROUPED_INPUT_GRAD` and the bank copies (``groups * F * D * k`` elements) are
+    no larger than the input gradient itself: the folded convolution, but the input
+    gradient from the grouped one.
 
-    ``cols[n, (d, j), l] = sum_f w[f, d, j] grad[n, f, l]`` is one matrix product; tap ``j``
-    of output ``l`` read input position ``l * stride + j * dilation - padding``, so each
-    column goes back there: the ``col2im`` of :func:`torch.nn.functional.fold`, on a
-    signal seen as an image of height 1.
+    ``None`` (the plain fold) otherwise: on other devices, under autocast, with one group.
+    Measured on an AMD EPYC, 2 threads; see the chapter "Performance".
     """
-    batch, f_out, l_out = grad.shape
-    _, channels, k = weight.shape
-    cols = torch.matmul(weight.reshape(f_out, channels * k).t(), grad)  # (N, D*k, L_out)
-    padded = length + 2 * padding
-    # the positions a strided kernel never reaches at the end are not part of fold's image
-    reach = (l_out - 1) * stride + dilation * (k - 1) + 1
-    image = F.fold(cols, (1, reach), (1, k), dilation=(1, dilation), stride=(1, stride))
-    out = image.view(batch, channels, reach)
-    if reach < padded:
-        out = F.pad(out, (0, padded - reach))
-    return out[:, :, padding : padding + length]
+    if x.device.type != "cpu" or groups == 1 or torch.is_autocast_enabled("cpu"):
+        return None
+    f_out, d = weight.shape[:2]
+    if f_out < BLOCK and groups * f_out <= 128:
+        return GROUPED
+    if (
+        d in GROUPED_INPUT_GRAD
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and groups * weight.numel() <= x.numel()
+    ):
+        return GROUPED_INPUT
+    return None
 
 
-class _Conv1dFewChannels(torch.autograd.Function):
-    """``F.conv1d`` whose input gradient is computed by :func:`_conv1d_input_grad`.
+def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
+    """``groups`` copies of the bank, ``(groups * F, D, k)``: ``expand``, then one copy.
 
-    Forward, weight and bias gradients are PyTorch's own; autograd keeps the same tensors
-    as for ``F.conv1d`` (the input and the weight).
+    Cheaper than ``weight.repeat(groups, 1, 1)`` for the small banks it serves (about
+    4 µs against 14 µs a call here, where a whole step can take under a millisecond).
+    """
+    return weight.expand(groups, *weight.shape).reshape(groups * weight.shape[0],
+                                                        *weight.shape[1:])
+
+
+class _Conv1dSharedCPU(torch.autograd.Function):
+    """The shared 1-d convolution of ``x`` ``(B, G * D, L)`` by one of two CPU routes.
+
+    ``options = (groups, stride, padding, dilation, route)``. Route :data:`GROUPED`:
+    PyTorch's grouped convolution on ``groups`` copies of the bank, forward and backward.
+    Route :data:`GROUPED_INPUT`: the folded convolution forward and for the weight and
+    bias gradients, the grouped one for the input gradient. Either way the copies are
+    made where they are used and dropped there: autograd keeps the input and the one bank,
+    as for the folded convolution.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, dilation: int
+        x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple
     ) -> Tensor:
-        return _CONV[1](x, weight, bias, stride, padding, dilation)
+        groups, stride, padding, dilation, route = options
+        if route == GROUPED:
+            bias_copies = None if bias is None else bias.expand(groups, -1).reshape(-1)
+            return _CONV[1](x, _repeat_bank(weight, groups), bias_copies, stride, padding,
+                            dilation, groups)
+        batch, length = x.shape[0], x.shape[2]
+        folded = x.reshape(batch * groups, weight.shape[1], length)
+        out = _CONV[1](folded, weight, bias, stride, padding, dilation)
+        return out.view(batch, groups * weight.shape[0], out.shape[2])
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, weight, bias, stride, padding, dilation = inputs
+        x, weight, bias, options = inputs
         ctx.save_for_backward(x, weight)
-        ctx.options = (stride, padding, dilation, bias is not None)
+        ctx.options = options
+        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.options
+        groups, stride, padding, dilation, route = ctx.options
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and has_bias
+        need_b = need_b and ctx.has_bias
+        f_out, d = weight.shape[:2]
+        conv = ([stride], [padding], [dilation], False, [0])
         grad_x = grad_w = grad_b = None
+        if route == GROUPED:
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, _repeat_bank(weight, groups), [groups * f_out] if need_b else None,
+                *conv, groups, [need_x, need_w, need_b],
+            )
+            if need_w:
+                grad_w = grad_w.view(groups, *weight.shape).sum(0)
+            if need_b:
+                grad_b = grad_b.view(groups, f_out).sum(0)
+            return grad_x, grad_w, grad_b, None
         if need_w or need_b:
+            batch = x.shape[0] * groups
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if has_bias else None, [stride],
-                [padding], [dilation], False, [0], 1, [False, need_w, need_b],
+                grad.reshape(batch, f_out, grad.shape[2]), x.reshape(batch, d, x.shape[2]),
+                weight, [f_out] if need_b else None, *conv, 1, [False, need_w, need_b],
             )
         if need_x:
-            # Outside double backward, a detached weight: ATen's matmul will not fold the
-            # batch into one matrix product for an operand that requires grad (a 6x slower
-            # path here), even under no_grad.
-            w = weight if torch.is_grad_enabled() else weight.detach()
-            grad_x = _conv1d_input_grad(grad, w, x.shape[2], stride, padding, dilation)
-        return grad_x, grad_w, grad_b, None, None, None
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, _repeat_bank(weight, groups), None, *conv, groups,
+                [True, False, False],
+            )[0]
+        return grad_x, grad_w, grad_b, None
 
 
-#: oneDNN's channel block on this kind of CPU (16 floats with AVX-512). A folded
-#: convolution with fewer filters than this pads its output channels to a block; PyTorch's
-#: grouped convolution blocks across the ``G * F`` channels of all groups instead.
-BLOCK = 16
+    @classmethod
+    def apply(cls, *args):  # type: ignore[override]
+        """:meth:`torch.autograd.Function.apply`, without its per-call argument binding.
+
+        For a Function that defines ``setup_context``, ``apply`` first binds its
+        arguments to ``forward``'s signature with :func:`inspect.signature` (to fill in
+        defaults), about 20-40 µs a call here: several percent of a small step. This
+        ``forward`` has no defaults and is always called with every argument, so outside
+        functorch transforms and compilation the binding is skipped and autograd's own
+        ``apply`` (the C++ one every Function ends in) is called directly.
+        """
+        if (
+            _SINGLE_LEVEL is None
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+        ):
+            return super().apply(*args)
+        return super(_SINGLE_LEVEL, cls).apply(*args)
 
 
-def _grouped_path(x: Tensor, weight: Tensor, groups: int) -> bool:
-    """Whether the 1-d convolution should run grouped, with a temporary copy of the bank.
-
-    On the CPU, for a bank of fewer than :data:`BLOCK` filters over few groups
-    (``groups * F <= 128``): there the folded convolution fills a fraction of its output
-    channel block and PyTorch's grouped convolution is faster, forward and backward. With
-    more groups, the fold's forward is faster again (measured on an AMD EPYC, 2 threads;
-    see the chapter "Performance"). The ``groups`` copies of the bank are made in the
-    forward and again in the backward, never saved.
-    """
-    f_out = weight.shape[0]
-    return (
-        x.device.type == "cpu"
-        and 1 < groups
-        and f_out < BLOCK
-        and groups * f_out <= 128
-        and not torch.is_autocast_enabled("cpu")
-    )
-
-
-class _Conv1dGroupedBank(torch.autograd.Function):
-    """PyTorch's grouped ``F.conv1d`` with the bank repeated ``groups`` times, saving only
-    the input and the one bank: the copies are made again in the backward.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        groups: int,
-        stride: int,
-        padding: int,
-        dilation: int,
-    ) -> Tensor:
-        repeated = weight.repeat(groups, 1, 1)
-        bias_rep = None if bias is None else bias.repeat(groups)
-        return _CONV[1](x, repeated, bias_rep, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, weight, bias, groups, stride, padding, dilation = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.options = (groups, stride, padding, dilation, bias is not None)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        groups, stride, padding, dilation, has_bias = ctx.options
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and has_bias
-        w = weight if torch.is_grad_enabled() else weight.detach()
-        f_out = weight.shape[0]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, w.repeat(groups, 1, 1), [groups * f_out] if has_bias else None,
-            [stride], [padding], [dilation], False, [0], groups, [need_x, need_w, need_b],
-        )
-        if need_w:
-            grad_w = grad_w.view(groups, *weight.shape).sum(0)
-        if need_b:
-            grad_b = grad_b.view(groups, f_out).sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+#: The class whose ``apply`` does the binding; the next one up is autograd's C++ base.
+_SINGLE_LEVEL = getattr(torch.autograd.function, "_SingleLevelFunction", None)
 
 
 def shared_conv(
@@ -397,10 +387,11 @@ def shared_conv(
     Equal to ``F.convNd(input, weight.repeat(groups, 1, ...), bias.repeat(groups),
     groups=groups)``, computed without saving the copies: the groups are folded into the
     batch and a single ``F.convNd`` call applies the shared bank. On the CPU, two 1-d
-    shapes take a faster route with the same result and the same saved tensors: one or
-    two channels per group (:data:`FEW_CHANNELS`) compute the input gradient as a matrix
-    product, and banks of fewer than :data:`BLOCK` filters over few groups run PyTorch's
-    grouped convolution on a temporary copy of the bank (the chapter "Performance" has the
+    routes give the same result faster and save the same tensors (the input and the one
+    bank): with few channels per group (:data:`GROUPED_INPUT_GRAD`) the input gradient is
+    taken from PyTorch's grouped convolution, and banks of fewer than :data:`BLOCK`
+    filters over few groups run the grouped convolution outright; both make temporary
+    copies of the bank and keep none (the chapter "Performance" has the
     measurements). The dimension (1-d, 2-d or 3-d) is taken from ``weight``.
 
     Args:
