@@ -162,18 +162,20 @@ def _graph_nodes(out: torch.Tensor) -> set[str]:
 @pytest.mark.parametrize(
     "stride,padding,dilation", [(1, 0, 1), (2, 3, 1), (3, 2, 2), (1, "same", 3)]
 )
-def test_1d_both_input_gradient_paths_equal_grouped_conv(D, stride, padding, dilation):
-    """1-d input gradients from the grouped convolution (D in GROUPED_INPUT_GRAD) or from
-    the folded one (other D)."""
+def test_1d_gradient_routes_equal_grouped_conv(D, stride, padding, dilation):
+    """1-d input and weight gradients from the grouped convolution (D in
+    GROUPED_INPUT_GRAD, GROUPED_WEIGHT_GRAD) or from the folded one (other D)."""
     torch.manual_seed(5)
-    G, F_out = 3, 16  # 16 filters: not the grouped-bank path
+    G, F_out = 3, 16  # 16 filters: the forward runs folded
     layer = sharedconv.SharedConv1d(G * D, G * F_out, 4, stride=stride, padding=padding,
                                     dilation=dilation, groups=G, dtype=torch.float64)
     x = torch.randn(2, G * D, 70, dtype=torch.float64, requires_grad=True)
-    expected = D in sharedconv.functional.GROUPED_INPUT_GRAD
-    route = sharedconv.functional._cpu_route(x, layer.weight, layer.bias, G)
-    assert route == (sharedconv.functional.GROUPED_INPUT if expected else None)
-    assert ("_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))) == expected
+    functional = sharedconv.functional
+    expected = (False, D in functional.GROUPED_INPUT_GRAD,
+                D in functional.GROUPED_WEIGHT_GRAD)
+    route = functional._cpu_route(x, layer.weight, layer.bias, G)
+    assert route == (expected if any(expected) else None)
+    assert ("_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))) == any(expected)
     assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
     # autograd keeps what the bare folded convolution keeps: the (padded) input, one bank
     from sharedconv.baselines import fold
@@ -184,40 +186,42 @@ def test_1d_both_input_gradient_paths_equal_grouped_conv(D, stride, padding, dil
     assert saved_tensors(layer, x, exclude=[layer.weight]).nbytes == bare.nbytes > 0
 
 
-def test_grouped_input_grad_path_gradgradcheck():
+@pytest.mark.parametrize("D,F_out", [(1, 4), (4, 16), (8, 16), (8, 4)])
+def test_cpu_routes_gradgradcheck(D, F_out):
     torch.manual_seed(9)
-    x = torch.randn(2, 3 * 4, 40, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(16, 4, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3 * D, 40, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(F_out, D, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(F_out, dtype=torch.float64, requires_grad=True)
 
     def fn(x, w, b):
         return sharedconv.shared_conv(x, w, b, groups=3, padding=2, stride=2, dilation=2)
 
-    assert sharedconv.functional._cpu_route(x, w, b, 3) == sharedconv.functional.GROUPED_INPUT
+    assert sharedconv.functional._cpu_route(x, w, b, 3) is not None
     assert "_Conv1dSharedCPUBackward" in _graph_nodes(fn(x, w, b))
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
-def test_grouped_input_grad_path_only_when_it_helps():
-    def path(x, w, groups):
-        route = sharedconv.functional._cpu_route(x, w, None, groups)
-        return route == sharedconv.functional.GROUPED_INPUT
-
-    w = torch.randn(16, 2, 3)
+def test_cpu_routes_only_when_they_help():
+    route = sharedconv.functional._cpu_route
+    w = torch.randn(16, 2, 3, requires_grad=True)
     x = torch.randn(2, 8, 64, requires_grad=True)  # (B, G * D, L) with G = 4, D = 2
-    assert path(x, w, 4)
-    assert not path(x.detach(), w, 4)  # the input's gradient is not needed
+    assert route(x, w, None, 4) == (False, True, False)  # input gradient grouped
+    assert route(x.detach(), w, None, 4) is None  # the input's gradient is not needed
     with torch.no_grad():
-        assert not path(x, w, 4)
+        assert route(x, w, None, 4) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not path(x, w, 4)
-    assert not path(x, w, 1)  # one group: the grouped convolution is the folded one
+        assert route(x, w, None, 4) is None
+    assert route(x, w, None, 1) is None  # one group: the grouped convolution is the fold
     x6 = torch.randn(2, 24, 64, requires_grad=True)
-    assert not path(x6, torch.randn(16, 6, 3), 4)  # D = 6: the folded one is faster
-    # a bank copy per group larger than the input gradient: not worth the memory
-    assert not path(torch.randn(2, 8, 4, requires_grad=True), w, 4)
-    assert not path(x.to("meta"), w.to("meta"), 4)  # not on the CPU
+    assert route(x6, torch.randn(16, 6, 3), None, 4) is None  # D = 6: folded is faster
+    x8 = torch.randn(2, 32, 64, requires_grad=True)
+    w8 = torch.randn(16, 8, 3, requires_grad=True)
+    assert route(x8, w8, None, 4) == (False, True, True)  # D = 8: both gradients
+    assert route(x8, w8.detach(), None, 4) == (False, True, False)
+    # bank copies larger than the input: not worth the memory
+    assert route(torch.randn(2, 8, 4, requires_grad=True), w, None, 4) is None
+    assert route(x.to("meta"), w.to("meta"), None, 4) is None  # not on the CPU
 
 
 def test_per_sample_gradients_with_torch_func():
@@ -240,18 +244,20 @@ def test_per_sample_gradients_with_torch_func():
         torch.testing.assert_close(per_sample["bias"][i], expected[1])
 
 
-@pytest.mark.parametrize("G,D,F_out", [(4, 1, 8), (8, 3, 4), (16, 8, 8), (5, 2, 15)])
+@pytest.mark.parametrize("G,D,F_out", [(4, 1, 8), (8, 3, 4), (16, 2, 4), (5, 2, 15)])
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 2, 1), (2, "valid", 2)])
-def test_1d_grouped_bank_path(G, D, F_out, stride, padding, dilation):
-    """Few filters (or a few more channels): grouped conv with a temporary bank copy."""
+def test_1d_grouped_forward_route(G, D, F_out, stride, padding, dilation):
+    """Few filters, small copies: the forward runs grouped, on a temporary bank copy."""
     torch.manual_seed(7)
     layer = sharedconv.SharedConv1d(G * D, G * F_out, 3, stride=stride, padding=padding,
                                     dilation=dilation, groups=G, dtype=torch.float64)
     x = torch.randn(2, G * D, 256, dtype=torch.float64, requires_grad=True)
     route = sharedconv.functional._cpu_route(x, layer.weight, layer.bias, G)
-    assert route == sharedconv.functional.GROUPED
+    assert route is not None and route[0]
     assert "_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))
     assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no Function without a gradient, the same numbers
+        torch.testing.assert_close(layer(x), layer.to_conv()(x), rtol=1e-12, atol=1e-12)
     # autograd keeps the input and the one bank, not G copies of it
     from sharedconv.memory import saved_tensors
 
@@ -259,30 +265,17 @@ def test_1d_grouped_bank_path(G, D, F_out, stride, padding, dilation):
     assert report.nbytes == 8 * (x.numel() + layer.weight.numel())
 
 
-def test_grouped_bank_path_gradgradcheck():
-    torch.manual_seed(8)
-    x = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert sharedconv.functional._cpu_route(x, w, b, 4) == sharedconv.functional.GROUPED
-
-    def fn(x, w, b):
-        return sharedconv.shared_conv(x, w, b, groups=4, padding=1, stride=2)
-
-    assert torch.autograd.gradcheck(fn, (x, w, b))
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
-
-
-def test_grouped_bank_path_only_when_copies_are_small():
-    def path(x, w, groups):
+def test_grouped_forward_route_only_when_copies_are_small():
+    def grouped_forward(x, w, groups):
         route = sharedconv.functional._cpu_route(x, w, None, groups)
-        return route == sharedconv.functional.GROUPED
+        return route is not None and route[0]
 
     x = torch.randn(1, 64, 512)  # 64 channels: 64 groups of one, or fewer of more
-    assert path(x[:, :16], torch.randn(8, 1, 5), 16)  # 8 filters x 16 groups: 128
-    assert path(x, torch.randn(8, 4, 5), 16)  # 8 filters: fewer than a block
-    assert not path(x, torch.randn(8, 1, 5), 64)  # 64 x 8 output channels: not grouped
-    assert not path(x, torch.randn(64, 1, 5), 64)  # 64 filters: not grouped
-    assert not path(x, torch.randn(8, 64, 5), 1)  # one group: nothing to group
+    assert grouped_forward(x[:, :4], torch.randn(8, 1, 7), 4)  # 4 x 8 x 7 = 224 weights
+    assert grouped_forward(x[:, :16], torch.randn(8, 1, 3), 16)  # 384
+    assert not grouped_forward(x[:, :16], torch.randn(8, 1, 7), 16)  # 896: above 512
+    assert not grouped_forward(x, torch.randn(8, 1, 3), 64)  # 1536
+    assert not grouped_forward(x[:, :4], torch.randn(16, 1, 3), 4)  # 16 filters: a block
+    assert not grouped_forward(x[:, :8], torch.randn(8, 8, 3), 1)  # one group
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not path(x, torch.randn(8, 4, 5), 16)
+        assert not grouped_forward(x[:, :4], torch.randn(8, 1, 7), 4)

@@ -215,22 +215,32 @@ def _fold_conv(
 
 
 #: oneDNN's channel block on this kind of CPU (16 floats with AVX-512). A folded
-#: convolution with fewer filters than this pads its output channels to a block; PyTorch's
-#: grouped convolution blocks across the ``G * F`` channels of all groups instead.
+#: convolution pads its channels to whole blocks; PyTorch's grouped convolution picks
+#: kernels and blocks that fit one group's channels instead.
 BLOCK = 16
 
-#: Input channels per group for which the 1-d layer on the CPU takes its input gradient
-#: from PyTorch's grouped convolution (on a temporary copy of the bank per group) instead
-#: of from the folded convolution. oneDNN computes the folded backward-data convolution
-#: in blocks of :data:`BLOCK` input channels, so with fewer channels it costs about what
-#: 16 would; the grouped convolution packs the ``groups * D`` channels of all groups into
-#: its blocks, at these ``D``. Measured on an AMD EPYC (2 threads): the grouped input
-#: gradient is 1.5-3.9x faster at D = 1, 2, 3, 4 and 8, and slower at 5-7 and 9-16
-#: (``python -m sharedconv.bench --suite input_grad``; the chapter "Performance").
+#: The CPU routes below were measured on an AMD EPYC with 2 threads (torch 2.13, oneDNN),
+#: part by part: forward, input gradient, weight gradient, each on the folded view and
+#: on the grouped view with ``groups`` temporary copies of the bank (``python -m
+#: sharedconv.bench --suite input_grad`` and the chapter "Performance").
+#:
+#: Up to this many weights in the ``groups`` bank copies, a bank of fewer than
+#: :data:`BLOCK` filters runs its forward as PyTorch's grouped convolution: the folded
+#: one fills a fraction of its output block with so few filters, and with many groups
+#: the grouped one is slower again.
+GROUPED_FORWARD_WEIGHTS = 512
+
+#: Input channels per group for which the input gradient is computed by the grouped
+#: convolution: 2-4x faster than the folded one at one or two channels, still ahead at
+#: 3, 4 and 8, behind at 5-7 and 9-16 (oneDNN computes the folded one in blocks of 16
+#: channels however few there are; its grouped kernels use blocks of 4 or 8 channels, or a
+#: matrix product per group, none padded).
 GROUPED_INPUT_GRAD = (1, 2, 3, 4, 8)
 
-#: The routes of :class:`_Conv1dSharedCPU`.
-GROUPED, GROUPED_INPUT = "grouped", "grouped input gradient"
+#: Input channels per group for which the weight gradient is computed by the grouped
+#: convolution (summing the ``groups`` gradients of the copies): only at 8 channels is it
+#: ahead everywhere measured; at one or two channels it is several times slower.
+GROUPED_WEIGHT_GRAD = (8,)
 
 
 def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -240,35 +250,32 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     )
 
 
-def _cpu_route(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> str | None:
-    """The faster CPU route for a 1-d shared convolution of ``x`` ``(B, G * D, L)``, if any.
+_Route = tuple[bool, bool, bool]
 
-    :data:`GROUPED`: a bank of fewer than :data:`BLOCK` filters over few groups
-    (``groups * F <= 128``). There the folded convolution fills a fraction of its output
-    channel block and PyTorch's grouped convolution is faster, forward and backward; with
-    more groups the folded forward is faster again.
 
-    :data:`GROUPED_INPUT`: the input's gradient is needed, ``D`` is in
-    :data:`GROUPED_INPUT_GRAD` and the bank copies (``groups * F * D * k`` elements) are
-    no larger than the input gradient itself: the folded convolution, but the input
-    gradient from the grouped one.
+def _cpu_route(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> _Route | None:
+    """Which parts of a 1-d shared convolution of ``x`` ``(B, G * D, L)`` run grouped.
 
-    ``None`` (the plain fold) otherwise: on other devices, under autocast, with one group.
-    Measured on an AMD EPYC, 2 threads; see the chapter "Performance".
+    Returns ``(forward, input gradient, weight gradient)``, ``True`` for a part computed
+    by PyTorch's grouped convolution on temporary copies of the bank, or ``None`` when
+    every part runs folded: on other devices, under autocast, with one group, or when the
+    bank copies would hold more elements than the input. The parts are chosen by
+    :data:`GROUPED_FORWARD_WEIGHTS`, :data:`GROUPED_INPUT_GRAD` and
+    :data:`GROUPED_WEIGHT_GRAD`; a gradient part only when that gradient is needed.
     """
     if x.device.type != "cpu" or groups == 1 or torch.is_autocast_enabled("cpu"):
         return None
+    copies = groups * weight.numel()
+    if copies > x.numel():
+        return None
     f_out, d = weight.shape[:2]
-    if f_out < BLOCK and groups * f_out <= 128:
-        return GROUPED
-    if (
-        d in GROUPED_INPUT_GRAD
-        and x.requires_grad
-        and torch.is_grad_enabled()
-        and groups * weight.numel() <= x.numel()
-    ):
-        return GROUPED_INPUT
-    return None
+    grad = torch.is_grad_enabled()
+    route = (
+        f_out < BLOCK and copies <= GROUPED_FORWARD_WEIGHTS,
+        grad and x.requires_grad and d in GROUPED_INPUT_GRAD,
+        grad and weight.requires_grad and d in GROUPED_WEIGHT_GRAD,
+    )
+    return route if any(route) else None
 
 
 def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
@@ -282,14 +289,14 @@ def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
 
 
 class _Conv1dSharedCPU(torch.autograd.Function):
-    """The shared 1-d convolution of ``x`` ``(B, G * D, L)`` by one of two CPU routes.
+    """The shared 1-d convolution of ``x`` ``(B, G * D, L)``, part by part.
 
-    ``options = (groups, stride, padding, dilation, route)``. Route :data:`GROUPED`:
-    PyTorch's grouped convolution on ``groups`` copies of the bank, forward and backward.
-    Route :data:`GROUPED_INPUT`: the folded convolution forward and for the weight and
-    bias gradients, the grouped one for the input gradient. Either way the copies are
-    made where they are used and dropped there: autograd keeps the input and the one bank,
-    as for the folded convolution.
+    ``options = (groups, stride, padding, dilation, route)`` with ``route`` from
+    :func:`_cpu_route`: the forward, the input gradient and the weight (and bias)
+    gradient each run either on the folded view (one bank, a batch of ``B * G``) or as
+    PyTorch's grouped convolution on ``groups`` copies of the bank. The copies are made
+    where they are used and dropped there: autograd keeps the input and the one bank, as
+    for the folded convolution.
     """
 
     generate_vmap_rule = True
@@ -298,8 +305,8 @@ class _Conv1dSharedCPU(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple
     ) -> Tensor:
-        groups, stride, padding, dilation, route = options
-        if route == GROUPED:
+        groups, stride, padding, dilation, (grouped_forward, _, _) = options
+        if grouped_forward:
             bias_copies = None if bias is None else bias.expand(groups, -1).reshape(-1)
             return _CONV[1](x, _repeat_bank(weight, groups), bias_copies, stride, padding,
                             dilation, groups)
@@ -318,35 +325,40 @@ class _Conv1dSharedCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        groups, stride, padding, dilation, route = ctx.options
+        groups, stride, padding, dilation, (_, grouped_x, grouped_w) = ctx.options
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
+        # the bias gradient goes with the weight gradient (the same kernel computes both)
         f_out, d = weight.shape[:2]
         conv = ([stride], [padding], [dilation], False, [0])
-        grad_x = grad_w = grad_b = None
-        if route == GROUPED:
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, _repeat_bank(weight, groups), [groups * f_out] if need_b else None,
-                *conv, groups, [need_x, need_w, need_b],
-            )
-            if need_w:
-                grad_w = grad_w.view(groups, *weight.shape).sum(0)
-            if need_b:
-                grad_b = grad_b.view(groups, f_out).sum(0)
-            return grad_x, grad_w, grad_b, None
-        if need_w or need_b:
-            batch = x.shape[0] * groups
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad.reshape(batch, f_out, grad.shape[2]), x.reshape(batch, d, x.shape[2]),
-                weight, [f_out] if need_b else None, *conv, 1, [False, need_w, need_b],
-            )
-        if need_x:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, _repeat_bank(weight, groups), None, *conv, groups,
-                [True, False, False],
-            )[0]
-        return grad_x, grad_w, grad_b, None
-
+        grads: list[Tensor | None] = [None, None, None]  # input, weight, bias
+        for grouped in (True, False):
+            mask = [need_x and grouped_x == grouped, need_w and grouped_w == grouped,
+                    need_b and grouped_w == grouped]
+            if not any(mask):
+                continue
+            if grouped:
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    grad, x, _repeat_bank(weight, groups),
+                    [groups * f_out] if mask[2] else None, *conv, groups, mask,
+                )
+                if mask[1]:
+                    gw = gw.view(groups, *weight.shape).sum(0)
+                if mask[2]:
+                    gb = gb.view(groups, f_out).sum(0)
+            else:
+                batch = x.shape[0] * groups
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    grad.reshape(batch, f_out, grad.shape[2]),
+                    x.reshape(batch, d, x.shape[2]), weight,
+                    [f_out] if mask[2] else None, *conv, 1, mask,
+                )
+                if mask[0]:
+                    gx = gx.view(x.shape)
+            for i, part in enumerate((gx, gw, gb)):
+                if mask[i]:
+                    grads[i] = part
+        return grads[0], grads[1], grads[2], None
 
     @classmethod
     def apply(cls, *args):  # type: ignore[override]
@@ -386,12 +398,13 @@ def shared_conv(
 
     Equal to ``F.convNd(input, weight.repeat(groups, 1, ...), bias.repeat(groups),
     groups=groups)``, computed without saving the copies: the groups are folded into the
-    batch and a single ``F.convNd`` call applies the shared bank. On the CPU, two 1-d
-    routes give the same result faster and save the same tensors (the input and the one
-    bank): with few channels per group (:data:`GROUPED_INPUT_GRAD`) the input gradient is
-    taken from PyTorch's grouped convolution, and banks of fewer than :data:`BLOCK`
-    filters over few groups run the grouped convolution outright; both make temporary
-    copies of the bank and keep none (the chapter "Performance" has the
+    batch and a single ``F.convNd`` call applies the shared bank. On the CPU, a 1-d
+    convolution with few channels or few filters per group computes some of its parts
+    (forward, input gradient, weight gradient) with PyTorch's grouped convolution on
+    temporary copies of the bank instead, where that was measured faster
+    (:data:`GROUPED_FORWARD_WEIGHTS`, :data:`GROUPED_INPUT_GRAD`,
+    :data:`GROUPED_WEIGHT_GRAD`); the result is the same, and autograd still keeps only
+    the input and the one bank (the chapter "Performance" has the
     measurements). The dimension (1-d, 2-d or 3-d) is taken from ``weight``.
 
     Args:

@@ -291,7 +291,7 @@ class SharedConv1d(_SharedConvNd):
     stores that bank once and trains it once: its gradient is the sum of what every group
     contributes. Implemented with one ``F.conv1d`` call on a view that folds the groups
     into the batch (on the CPU, with the faster routes of
-    :func:`~sharedconv.functional.shared_conv` for a few channels or a few filters).
+    :func:`~sharedconv.functional.shared_conv` for few channels or few filters per group).
 
     Two common uses:
 
