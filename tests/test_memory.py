@@ -61,9 +61,17 @@ def test_op_counts():
     assert op_counts(loop, x, ops=ops, backward=True) == {
         "aten::convolution": 3, "aten::convolution_backward": 3,
     }
-    layer = sharedconv.SharedConv1d(3, 12, 3, groups=3)
-    assert op_counts(layer, x, ops=ops, backward=True) == {
+    layer = sharedconv.SharedConv1d(15, 48, 3, groups=3)  # D = 5: no grouped part
+    x5 = torch.randn(2, 15, 16, requires_grad=True)
+    assert op_counts(layer, x5, ops=ops, backward=True) == {
         "aten::convolution": 1, "aten::convolution_backward": 1,
+    }
+    # D = 1 on the CPU: the input gradient by the grouped convolution, the weight's by
+    # the folded one, two backward calls
+    layer = sharedconv.SharedConv1d(3, 48, 3, groups=3)
+    x64 = torch.randn(2, 3, 64, requires_grad=True)  # more elements than the bank copies
+    assert op_counts(layer, x64, ops=ops, backward=True) == {
+        "aten::convolution": 1, "aten::convolution_backward": 2,
     }
 
 
