@@ -231,15 +231,16 @@ BLOCK = 16
 GROUPED_FORWARD_WEIGHTS = 512
 
 #: Input channels per group for which the input gradient is computed by the grouped
-#: convolution: 2-4x faster than the folded one at one or two channels, still ahead at
-#: 3, 4 and 8, behind at 5-7 and 9-16 (oneDNN computes the folded one in blocks of 16
-#: channels however few there are; its grouped kernels use blocks of 4 or 8 channels, or a
-#: matrix product per group, none padded).
+#: convolution: at both measured shapes, 1.7-3x faster than the folded one at one or two
+#: channels and ahead at 3, 4 and 8; at other counts behind at one shape at least, or
+#: (at 5) ahead by less than the timing noise. oneDNN computes the folded one in blocks
+#: of 16 channels however few there are; its grouped kernels use blocks of 4 or 8
+#: channels, or a matrix product per group, none padded.
 GROUPED_INPUT_GRAD = (1, 2, 3, 4, 8)
 
 #: Input channels per group for which the weight gradient is computed by the grouped
 #: convolution (summing the ``groups`` gradients of the copies): only at 8 channels is it
-#: ahead everywhere measured; at one or two channels it is several times slower.
+#: ahead at both measured shapes; at one or two channels it is slower, by up to 8x.
 GROUPED_WEIGHT_GRAD = (8,)
 
 
@@ -282,7 +283,7 @@ def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
     """``groups`` copies of the bank, ``(groups * F, D, k)``: ``expand``, then one copy.
 
     Cheaper than ``weight.repeat(groups, 1, 1)`` for the small banks it serves (about
-    4 µs against 14 µs a call here, where a whole step can take under a millisecond).
+    4 µs against 8 µs a call here, where a whole step can take under a millisecond).
     """
     return weight.expand(groups, *weight.shape).reshape(groups * weight.shape[0],
                                                         *weight.shape[1:])
@@ -366,7 +367,7 @@ class _Conv1dSharedCPU(torch.autograd.Function):
 
         For a Function that defines ``setup_context``, ``apply`` first binds its
         arguments to ``forward``'s signature with :func:`inspect.signature` (to fill in
-        defaults), about 20-40 µs a call here: several percent of a small step. This
+        defaults), about 20 µs a call here: several percent of a small step. This
         ``forward`` has no defaults and is always called with every argument, so outside
         functorch transforms and compilation the binding is skipped and autograd's own
         ``apply`` (the C++ one every Function ends in) is called directly.
