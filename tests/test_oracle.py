@@ -279,3 +279,19 @@ def test_grouped_forward_route_only_when_copies_are_small():
     assert not grouped_forward(x[:, :8], torch.randn(8, 8, 3), 1)  # one group
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not grouped_forward(x[:, :4], torch.randn(8, 1, 7), 4)
+
+
+def test_cpu_function_apply_without_the_binding_shortcut(monkeypatch):
+    """With torch's own apply (as when its internals differ), the same numbers."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 8, 40, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert sharedconv.functional._cpu_route(x, w, None, 4) == (True, True, False)
+    fast = sharedconv.shared_conv(x, w, groups=4, padding=1)
+    fast_grads = torch.autograd.grad(fast.square().sum(), (x, w))
+    monkeypatch.setattr(sharedconv.functional, "_SINGLE_LEVEL", None)
+    plain = sharedconv.shared_conv(x, w, groups=4, padding=1)
+    plain_grads = torch.autograd.grad(plain.square().sum(), (x, w))
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
