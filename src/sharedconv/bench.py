@@ -346,6 +346,8 @@ def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
     call and, for the weight, the ``G`` bank gradients summed). Forward timing only: the
     approaches *are* backward passes. Ratios are to the folded input gradient.
     """
+    from .functional import _repeat_bank  # the layer's own copies
+
     channels = (1, 4, 8, 16) if quick else tuple(range(1, 17))
     configs = [(2, 16, 128, 16, 5)] if quick else [(4, 64, 512, 16, 5), (2, 1024, 64, 32, 3)]
     backward = torch.ops.aten.convolution_backward
@@ -364,7 +366,7 @@ def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
                                 w, None, *conv, 1, [True, False, False])[0].view(x.shape)
 
             def grouped_input(grad, x, w, G=G, conv=conv):
-                copies = w.expand(G, *w.shape).reshape(-1, *w.shape[1:])
+                copies = _repeat_bank(w, G)
                 return backward(grad, x, copies, None, *conv, G, [True, False, False])[0]
 
             def folded_weight(grad, x, w, G=G, conv=conv):
@@ -373,7 +375,7 @@ def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
                                 w, [w.shape[0]], *conv, 1, [False, True, True])[1]
 
             def grouped_weight(grad, x, w, G=G, conv=conv):
-                copies = w.expand(G, *w.shape).reshape(-1, *w.shape[1:])
+                copies = _repeat_bank(w, G)
                 out = backward(grad, x, copies, [copies.shape[0]], *conv, G,
                                [False, True, True])
                 return out[1].view(G, *w.shape).sum(0)
