@@ -173,7 +173,7 @@ def test_1d_gradient_routes_equal_grouped_conv(D, stride, padding, dilation):
     functional = sharedconv.functional
     expected = (False, D in functional.GROUPED_INPUT_GRAD,
                 D in functional.GROUPED_WEIGHT_GRAD)
-    route = functional._cpu_route(x, layer.weight, layer.bias, G)
+    route = functional._cpu_route(x, layer.weight, G)
     assert route == (expected if any(expected) else None)
     assert ("_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))) == any(expected)
     assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
@@ -196,7 +196,7 @@ def test_cpu_routes_gradgradcheck(D, F_out):
     def fn(x, w, b):
         return sharedconv.shared_conv(x, w, b, groups=3, padding=2, stride=2, dilation=2)
 
-    assert sharedconv.functional._cpu_route(x, w, b, 3) is not None
+    assert sharedconv.functional._cpu_route(x, w, 3) is not None
     assert "_Conv1dSharedCPUBackward" in _graph_nodes(fn(x, w, b))
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
@@ -206,22 +206,22 @@ def test_cpu_routes_only_when_they_help():
     route = sharedconv.functional._cpu_route
     w = torch.randn(16, 2, 3, requires_grad=True)
     x = torch.randn(2, 8, 64, requires_grad=True)  # (B, G * D, L) with G = 4, D = 2
-    assert route(x, w, None, 4) == (False, True, False)  # input gradient grouped
-    assert route(x.detach(), w, None, 4) is None  # the input's gradient is not needed
+    assert route(x, w, 4) == (False, True, False)  # input gradient grouped
+    assert route(x.detach(), w, 4) is None  # the input's gradient is not needed
     with torch.no_grad():
-        assert route(x, w, None, 4) is None
+        assert route(x, w, 4) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert route(x, w, None, 4) is None
-    assert route(x, w, None, 1) is None  # one group: the grouped convolution is the fold
+        assert route(x, w, 4) is None
+    assert route(x, w, 1) is None  # one group: the grouped convolution is the fold
     x6 = torch.randn(2, 24, 64, requires_grad=True)
-    assert route(x6, torch.randn(16, 6, 3), None, 4) is None  # D = 6: folded is faster
+    assert route(x6, torch.randn(16, 6, 3), 4) is None  # D = 6: folded is faster
     x8 = torch.randn(2, 32, 64, requires_grad=True)
     w8 = torch.randn(16, 8, 3, requires_grad=True)
-    assert route(x8, w8, None, 4) == (False, True, True)  # D = 8: both gradients
-    assert route(x8, w8.detach(), None, 4) == (False, True, False)
+    assert route(x8, w8, 4) == (False, True, True)  # D = 8: both gradients
+    assert route(x8, w8.detach(), 4) == (False, True, False)
     # bank copies larger than the input: not worth the memory
-    assert route(torch.randn(2, 8, 4, requires_grad=True), w, None, 4) is None
-    assert route(x.to("meta"), w.to("meta"), None, 4) is None  # not on the CPU
+    assert route(torch.randn(2, 8, 4, requires_grad=True), w, 4) is None
+    assert route(x.to("meta"), w.to("meta"), 4) is None  # not on the CPU
 
 
 def test_per_sample_gradients_with_torch_func():
@@ -252,7 +252,7 @@ def test_1d_grouped_forward_route(G, D, F_out, stride, padding, dilation):
     layer = sharedconv.SharedConv1d(G * D, G * F_out, 3, stride=stride, padding=padding,
                                     dilation=dilation, groups=G, dtype=torch.float64)
     x = torch.randn(2, G * D, 256, dtype=torch.float64, requires_grad=True)
-    route = sharedconv.functional._cpu_route(x, layer.weight, layer.bias, G)
+    route = sharedconv.functional._cpu_route(x, layer.weight, G)
     assert route is not None and route[0]
     assert "_Conv1dSharedCPUBackward" in _graph_nodes(layer(x))
     assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
@@ -267,7 +267,7 @@ def test_1d_grouped_forward_route(G, D, F_out, stride, padding, dilation):
 
 def test_grouped_forward_route_only_when_copies_are_small():
     def grouped_forward(x, w, groups):
-        route = sharedconv.functional._cpu_route(x, w, None, groups)
+        route = sharedconv.functional._cpu_route(x, w, groups)
         return route is not None and route[0]
 
     x = torch.randn(1, 64, 512)  # 64 channels: 64 groups of one, or fewer of more
@@ -286,7 +286,7 @@ def test_cpu_function_apply_without_the_binding_shortcut(monkeypatch):
     torch.manual_seed(10)
     x = torch.randn(2, 8, 40, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert sharedconv.functional._cpu_route(x, w, None, 4) == (True, True, False)
+    assert sharedconv.functional._cpu_route(x, w, 4) == (True, True, False)
     fast = sharedconv.shared_conv(x, w, groups=4, padding=1)
     fast_grads = torch.autograd.grad(fast.square().sum(), (x, w))
     monkeypatch.setattr(sharedconv.functional, "_SINGLE_LEVEL", None)

@@ -195,7 +195,7 @@ def _fold_conv(
             x = F.pad(x, pads, mode=mode)
         padding = (0,) * n
     if n == 1:
-        route = _cpu_route(x, weight, bias, groups)
+        route = _cpu_route(x, weight, groups)
         if route is not None:
             pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric
             options = (groups, stride[0], pad, dilation[0], route)
@@ -254,7 +254,7 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 _Route = tuple[bool, bool, bool]
 
 
-def _cpu_route(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> _Route | None:
+def _cpu_route(x: Tensor, weight: Tensor, groups: int) -> _Route | None:
     """Which parts of a 1-d shared convolution of ``x`` ``(B, G * D, L)`` run grouped.
 
     Returns ``(forward, input gradient, weight gradient)``, ``True`` for a part computed

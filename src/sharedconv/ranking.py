@@ -71,6 +71,18 @@ def _check_int(name: str, value: object, minimum: int, func: str) -> int:
     return value
 
 
+def _check_conv_stack(
+    name: str, widths: object, shape: str, kernel_size: object, who: str
+) -> tuple[int, int]:
+    """Two positive channel counts for two stacked convolutions, and an odd kernel size."""
+    if not isinstance(widths, Sequence) or len(widths) != 2:
+        raise ValueError(f"{who}: {name} must be two ints {shape}, got {widths!r}")
+    first, second = (_check_int(name, w, 1, who) for w in widths)
+    if _check_int("kernel_size", kernel_size, 1, who) % 2 == 0:
+        raise ValueError(f"{who}: kernel_size must be odd, got {kernel_size}")
+    return first, second
+
+
 def _generator(generator: torch.Generator | int, func: str) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
@@ -283,12 +295,7 @@ class SharedRanker(nn.Module):
     ) -> None:
         super().__init__()
         who = "SharedRanker"
-        if not isinstance(features, Sequence) or len(features) != 2:
-            raise ValueError(f"{who}: features must be two ints (F1, F2), got {features!r}")
-        f1, f2 = (_check_int("features", f, 1, who) for f in features)
-        _check_int("kernel_size", kernel_size, 1, who)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"{who}: kernel_size must be odd, got {kernel_size}")
+        f1, f2 = _check_conv_stack("features", features, "(F1, F2)", kernel_size, who)
         _check_int("hidden", hidden, 1, who)
         self.conv1 = SharedConv1d.per_group(1, f1, kernel_size, padding="same", dtype=dtype)
         self.conv2 = SharedConv1d.per_group(f1, f2, kernel_size, padding="same", dtype=dtype)
@@ -347,12 +354,7 @@ class MixingRanker(nn.Module):
         super().__init__()
         who = "MixingRanker"
         self.n_streams = _check_int("n_streams", n_streams, 1, who)
-        if not isinstance(channels, Sequence) or len(channels) != 2:
-            raise ValueError(f"{who}: channels must be two ints (C1, C2), got {channels!r}")
-        c1, c2 = (_check_int("channels", c, 1, who) for c in channels)
-        _check_int("kernel_size", kernel_size, 1, who)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"{who}: kernel_size must be odd, got {kernel_size}")
+        c1, c2 = _check_conv_stack("channels", channels, "(C1, C2)", kernel_size, who)
         self.conv1 = nn.Conv1d(n_streams, c1, kernel_size, padding="same", dtype=dtype)
         self.conv2 = nn.Conv1d(c1, c2, kernel_size, padding="same", dtype=dtype)
         self.score = nn.Linear(c2, n_streams, dtype=dtype)
