@@ -61,7 +61,7 @@ def test_describe_allocator(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["streams", "groups", "input_grad"])
+@pytest.mark.parametrize("suite", ["streams", "groups", "input_grad", "small_banks"])
 def test_quick_suites_agree_and_record(suite):
     """Every quick case checks its approaches against each other before timing them."""
     import torch
@@ -76,6 +76,12 @@ def test_quick_suites_agree_and_record(suite):
             assert set(record["approaches"]) == {
                 "folded_input_grad", "grouped_input_grad", "folded_weight_grad",
                 "grouped_weight_grad"}
+        elif suite == "small_banks":
+            assert set(record["approaches"]) == {"fold", "grouped_expand", "unfolded", "routed"}
+            unfolded = record["approaches"]["unfolded"]
+            assert unfolded["saved_bytes"] == record["approaches"]["fold"]["saved_bytes"]
+            assert unfolded["forward_flops"] == record["approaches"]["fold"]["forward_flops"]
+            assert len(record["routed"]) == 3
         else:
             assert {"layer", "fold", "grouped_expand"} <= set(record["approaches"])
             layer = record["approaches"]["layer"]

@@ -20,7 +20,12 @@ needs_compiler = pytest.mark.skipif(
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 @pytest.mark.parametrize(
     "in_per_group,out_per_group,route",
-    [(3, 6, (True, True, False)), (8, 16, (False, True, True)), (5, 16, None)],
+    [
+        (1, 8, ("unfold", "unfold", "unfold")),
+        (3, 6, ("grouped", "grouped", "fold")),
+        (8, 16, ("fold", "grouped", "grouped")),
+        (5, 16, None),
+    ],
 )
 def test_compile_fullgraph_inductor(mode, in_per_group, out_per_group, route):
     """Each of the CPU routes (see functional._cpu_route) compiles in one graph."""

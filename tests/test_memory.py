@@ -66,12 +66,19 @@ def test_op_counts():
     assert op_counts(layer, x5, ops=ops, backward=True) == {
         "aten::convolution": 1, "aten::convolution_backward": 1,
     }
-    # D = 1 on the CPU: the input gradient by the grouped convolution, the weight's by
-    # the folded one, two backward calls
-    layer = sharedconv.SharedConv1d(3, 48, 3, groups=3)
+    # D = 1 on the CPU, 80 weights: the input gradient by the grouped convolution, the
+    # weight's by the folded one, two backward calls
+    layer = sharedconv.SharedConv1d(3, 48, 5, groups=3)
     x64 = torch.randn(2, 3, 64, requires_grad=True)  # more elements than the bank copies
     assert op_counts(layer, x64, ops=ops, backward=True) == {
         "aten::convolution": 1, "aten::convolution_backward": 2,
+    }
+    # 48 weights: no convolution at all, three batched products over the windows
+    layer = sharedconv.SharedConv1d(3, 48, 3, groups=3)
+    products = ops + ("aten::bmm", "aten::baddbmm")
+    assert op_counts(layer, x64, ops=products, backward=True) == {
+        "aten::convolution": 0, "aten::convolution_backward": 0,
+        "aten::baddbmm": 1, "aten::bmm": 2,
     }
 
 

@@ -397,8 +397,60 @@ def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
     return cases
 
 
+def small_bank_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """The rule behind ``UNFOLD_WEIGHTS``: small banks, unfolded or not (1-d, CPU).
+
+    For banks of ``F`` filters over ``D`` channels and ``k`` taps, shared by ``G`` groups:
+    the bare fold and the grouped convolution on expanded banks (the baselines), the
+    layer's unfolded route (matrix products over the unfolded windows, every part), and
+    the route the layer takes without it (``routed``: the grouped and folded parts chosen
+    by the other constants). Ratios are to the bare fold. The CPU only: the routes are
+    the CPU's (on a GPU the layer is the bare fold).
+    """
+    if device.type != "cpu":
+        return []
+    from . import baselines
+    from .functional import _Conv1dSharedCPU, _cpu_route
+
+    if quick:
+        configs, banks = [(4, 16, 256)], [(1, 8, 3), (2, 16, 7)]
+    else:
+        configs = [(8, 64, 512), (8, 256, 128)]
+        banks = [(D, F_, k) for D in (1, 2, 4) for F_ in (8, 16, 32, 64) for k in (3, 7)]
+    cases = []
+    for B, G, L in configs:
+        for D, F_, k in banks:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, G * D, L, generator=g).to(device, dtype).requires_grad_()
+            bound = 1 / (D * k) ** 0.5
+            w = ((torch.rand(F_, D, k, generator=g) * 2 - 1) * bound).to(device, dtype)
+            b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
+            w.requires_grad_()
+            b.requires_grad_()
+            pad = k // 2
+            routed = _cpu_route(x, w, G, pad, unfold=False) or ("fold",) * 3
+
+            def through(route, G=G, pad=pad):
+                return lambda xs, ws, bs: _Conv1dSharedCPU.apply(xs, ws, bs, (G, 1, pad, 1, route))
+
+            approaches = [
+                Approach("fold", lambda x, w, b, G=G, pad=pad: baselines.fold(
+                    x, w, b, groups=G, padding=pad), (x, w, b), (w, b)),
+                Approach("grouped_expand", lambda x, w, b, G=G, pad=pad:
+                         baselines.grouped_expand(x, w, b, groups=G, padding=pad),
+                         (x, w, b), (w, b)),
+                Approach("unfolded", through(("unfold",) * 3), (x, w, b), (w, b)),
+                Approach("routed", through(routed), (x, w, b), (w, b)),
+            ]
+            shape = dict(B=B, G=G, D=D, L=L, F=F_, k=k)
+            cases.append(Case("small_banks", shape, approaches, reference="fold",
+                              notes={"routed": list(routed)}))
+    return cases
+
+
 SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
     "input_grad": input_grad_cases,
+    "small_banks": small_bank_cases,
     "streams": streams_cases,
     "groups": groups_cases,
     "masked": masked_cases,

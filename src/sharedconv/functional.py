@@ -195,9 +195,9 @@ def _fold_conv(
             x = F.pad(x, pads, mode=mode)
         padding = (0,) * n
     if n == 1:
-        route = _cpu_route(x, weight, groups)
+        pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric
+        route = _cpu_route(x, weight, groups, pad, stride[0], dilation[0])
         if route is not None:
-            pad = _explicit_padding(padding, weight.shape[2:], dilation)[0]  # symmetric
             options = (groups, stride[0], pad, dilation[0], route)
             if _needs_grad(x, weight, bias):
                 out = _Conv1dSharedCPU.apply(x, weight, bias, options)
@@ -220,10 +220,30 @@ def _fold_conv(
 BLOCK = 16
 
 #: The CPU routes below were measured on an AMD EPYC with 2 threads (torch 2.13, oneDNN),
-#: part by part: forward, input gradient, weight gradient, each on the folded view and
-#: on the grouped view with ``groups`` temporary copies of the bank (``python -m
-#: sharedconv.bench --suite input_grad`` and the chapter "Performance").
+#: part by part: forward, input gradient, weight gradient, each on the folded view, on
+#: the grouped view with ``groups`` temporary copies of the bank, and (small banks) as
+#: matrix products over the unfolded windows (``python -m sharedconv.bench --suite
+#: input_grad``, ``--suite unfold`` and the chapter "Performance").
 #:
+#: A bank of at most this many weights (``F * D * k``), with no more taps per filter than
+#: filters (``D * k <= F``), runs every part as a batched matrix product over the
+#: unfolded windows of each group (``im2col``): the forward is
+#: ``bmm(bank (F, D*k), windows (D*k, L_out))`` per group, the weight gradient
+#: ``bmm(grad, windows^T)`` summed over the groups, the input gradient
+#: ``bmm(bank^T, grad)`` added back window by window. Such a convolution does a few
+#: multiply-adds per output element and is bound by memory traffic; oneDNN pads its
+#: ``D`` channels and its ``F`` filters to blocks of :data:`BLOCK` and reorders in and out
+#: of that layout, while the product writes each output once. The windows are a
+#: temporary of ``D * k`` times the input, no larger than the output (``D * k <= F``),
+#: made in the forward and again in the backward, never saved.
+UNFOLD_WEIGHTS = 64
+
+#: The unfolded parts run over the samples (``B * G`` of them) in chunks whose windows
+#: take about this many bytes, so that the windows are still in cache (2 MiB of L2 here)
+#: when the product reads them. Unchunked, at (B, G, L, F, k) = (8, 256, 256, 8, 7) the
+#: 15 MB of windows made the forward 1.6x slower than in 1 MiB chunks.
+UNFOLD_CHUNK_BYTES = 2**21
+
 #: Up to this many weights in the ``groups`` bank copies, a bank of fewer than
 #: :data:`BLOCK` filters runs its forward as PyTorch's grouped convolution: the folded
 #: one fills a fraction of its output block with so few filters, and with many groups
@@ -251,34 +271,49 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     )
 
 
-_Route = tuple[bool, bool, bool]
+#: How one part of the convolution is computed: on the folded view, as PyTorch's grouped
+#: convolution on bank copies, or as matrix products over the unfolded windows.
+FOLD, GROUPED, UNFOLD = "fold", "grouped", "unfold"
+
+_Route = tuple[str, str, str]
 
 
-def _cpu_route(x: Tensor, weight: Tensor, groups: int) -> _Route | None:
-    """Which parts of a 1-d shared convolution of ``x`` ``(B, G * D, L)`` run grouped.
+def _cpu_route(
+    x: Tensor, weight: Tensor, groups: int, padding: int = 0, stride: int = 1,
+    dilation: int = 1, *, unfold: bool = True,
+) -> _Route | None:
+    """How each part of a 1-d shared convolution of ``x`` ``(B, G * D, L)`` is computed.
 
-    Returns ``(forward, input gradient, weight gradient)``, ``True`` for a part computed
-    by PyTorch's grouped convolution on temporary copies of the bank, or ``None`` when
-    every part runs folded: on other devices, under autocast, with one group, or when the
-    bank copies would hold more elements than the input. The parts are chosen by
-    :data:`GROUPED_FORWARD_WEIGHTS`, :data:`GROUPED_INPUT_GRAD` and
-    :data:`GROUPED_WEIGHT_GRAD`; a gradient part only when that gradient is needed.
+    Returns ``(forward, input gradient, weight gradient)``, each :data:`FOLD`,
+    :data:`GROUPED` or :data:`UNFOLD`, or ``None`` when every part runs folded: on other
+    devices, under autocast, with one group, or when neither the windows nor the bank
+    copies are worth their memory. A small bank (:data:`UNFOLD_WEIGHTS`) runs every part
+    unfolded; otherwise the parts are chosen by :data:`GROUPED_FORWARD_WEIGHTS`,
+    :data:`GROUPED_INPUT_GRAD` and :data:`GROUPED_WEIGHT_GRAD`, a gradient part only when
+    that gradient is needed. ``padding``, ``stride`` and ``dilation`` only tell whether
+    the input holds one window at all (if not, the folded convolution raises its error).
+    ``unfold=False`` gives the route the layer would take without :data:`UNFOLD` (the
+    benchmark's comparison).
     The thresholds were measured in float32; other dtypes follow the same routes (the
     results are the same, float64 included, which is what the tests compare in).
     """
     if x.device.type != "cpu" or groups == 1 or torch.is_autocast_enabled("cpu"):
         return None
+    f_out, d, k = weight.shape
+    if x.shape[-1] + 2 * padding < dilation * (k - 1) + 1:
+        return None
+    if unfold and weight.numel() <= UNFOLD_WEIGHTS and d * k <= f_out:
+        return (UNFOLD, UNFOLD, UNFOLD)
     copies = groups * weight.numel()
     if copies > x.numel():
         return None
-    f_out, d = weight.shape[:2]
     grad = torch.is_grad_enabled()
     route = (
-        f_out < BLOCK and copies <= GROUPED_FORWARD_WEIGHTS,
-        grad and x.requires_grad and d in GROUPED_INPUT_GRAD,
-        grad and weight.requires_grad and d in GROUPED_WEIGHT_GRAD,
+        GROUPED if f_out < BLOCK and copies <= GROUPED_FORWARD_WEIGHTS else FOLD,
+        GROUPED if grad and x.requires_grad and d in GROUPED_INPUT_GRAD else FOLD,
+        GROUPED if grad and weight.requires_grad and d in GROUPED_WEIGHT_GRAD else FOLD,
     )
-    return route if any(route) else None
+    return None if route == (FOLD, FOLD, FOLD) else route
 
 
 def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
@@ -291,15 +326,115 @@ def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
                                                         *weight.shape[1:])
 
 
+def _chunks(n: int, bytes_per_sample: int) -> list[tuple[int, int]]:
+    """Ranges of samples whose windows take about :data:`UNFOLD_CHUNK_BYTES` together.
+
+    One range (no loop) under ``torch.compile`` and functorch transforms, which see the
+    whole computation better than a Python loop over slices.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return [(0, n)]
+    step = max(1, UNFOLD_CHUNK_BYTES // max(1, bytes_per_sample))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _padded_samples(x: Tensor, groups: int, padding: int) -> Tensor:
+    """``x`` ``(B, G * D, L)`` as ``(B * G, D, L + 2 * padding)``, zero-padded."""
+    batch, channels, length = x.shape
+    folded = x.reshape(batch * groups, channels // groups, length)
+    return F.pad(folded, (padding, padding)) if padding else folded
+
+
+def _windows(samples: Tensor, k: int, stride: int, dilation: int) -> Tensor:
+    """The unfolded windows of ``samples`` ``(n, D, L)``: ``(n, D * k, L_out)``, a copy.
+
+    Row ``c * k + j`` of sample ``n`` holds tap ``j`` of channel ``c`` at every output
+    position, the order of the bank's ``(F, D, k)`` weights flattened to ``(F, D * k)``.
+    """
+    windows = samples.unfold(2, dilation * (k - 1) + 1, stride)  # (n, D, L_out, span)
+    if dilation > 1:
+        windows = windows[..., ::dilation]
+    n, d = samples.shape[:2]
+    return windows.transpose(2, 3).contiguous().view(n, d * k, -1)
+
+
+def _unfolded_forward(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int,
+                      stride: int, padding: int, dilation: int) -> Tensor:
+    """``bank (F, D*k) @ windows (D*k, L_out)`` for every sample, chunk by chunk."""
+    f_out, d, k = weight.shape
+    samples = _padded_samples(x, groups, padding)
+    n, span = samples.shape[0], dilation * (k - 1) + 1
+    out_len = (samples.shape[2] - span) // stride + 1
+    bank = weight.reshape(1, f_out, d * k)
+    bias_col = None if bias is None else bias.view(1, f_out, 1)
+
+    def product(part: Tensor, out: Tensor | None = None) -> Tensor:
+        windows = _windows(part, k, stride, dilation)
+        banks = bank.expand(part.shape[0], f_out, d * k)
+        if bias_col is None:
+            return torch.bmm(banks, windows, out=out)
+        return torch.baddbmm(bias_col, banks, windows, out=out)
+
+    chunks = _chunks(n, d * k * out_len * x.element_size())
+    if len(chunks) == 1:
+        out = product(samples)
+    else:  # each chunk's windows stay in cache between their copy and their product
+        out = samples.new_empty(n, f_out, out_len)
+        for i, j in chunks:
+            product(samples[i:j], out[i:j])
+    return out.view(x.shape[0], groups * f_out, out_len)
+
+
+def _unfolded_backward(grad: Tensor, x: Tensor, weight: Tensor, groups: int, stride: int,
+                       padding: int, dilation: int, need: tuple[bool, bool, bool]
+                       ) -> list[Tensor | None]:
+    """Input, weight and bias gradients of :func:`_unfolded_forward`, those ``need``-ed.
+
+    The weight gradient is ``grad @ windows^T`` summed over the samples (the windows made
+    again, chunk by chunk). The input gradient is ``bank^T @ grad``, the gradient of every
+    window, whose ``k`` taps are added back at their offsets: ``k`` strided additions
+    (``F.fold`` does the same in one call but was several times slower here).
+    """
+    f_out, d, k = weight.shape
+    batch, _, length = x.shape
+    n = batch * groups
+    per_sample = grad.reshape(n, f_out, -1)
+    out_len = per_sample.shape[2]
+    need_x, need_w, need_b = need
+    chunks = _chunks(n, d * k * out_len * x.element_size())
+    gx = gw = gb = None
+    if need_x:
+        bank_t = weight.reshape(1, f_out, d * k).transpose(1, 2)
+        gx = per_sample.new_zeros(n, d, length + 2 * padding)
+        for i, j in chunks:
+            per_tap = torch.bmm(bank_t.expand(j - i, d * k, f_out), per_sample[i:j])
+            per_tap = per_tap.view(j - i, d, k, out_len)
+            for tap in range(k):
+                start = tap * dilation
+                gx[i:j, :, start:start + stride * (out_len - 1) + 1:stride] += per_tap[:, :, tap]
+        gx = gx[:, :, padding:padding + length].reshape(x.shape)
+    if need_w:
+        samples = _padded_samples(x, groups, padding)
+        for i, j in chunks:
+            windows = _windows(samples[i:j], k, stride, dilation)
+            part = torch.bmm(per_sample[i:j], windows.transpose(1, 2)).sum(0)
+            gw = part if gw is None else gw + part
+        gw = gw.view(weight.shape)
+    if need_b:
+        gb = per_sample.sum((0, 2))
+    return [gx, gw, gb]
+
+
 class _Conv1dSharedCPU(torch.autograd.Function):
     """The shared 1-d convolution of ``x`` ``(B, G * D, L)``, part by part.
 
     ``options = (groups, stride, padding, dilation, route)`` with ``route`` from
     :func:`_cpu_route`: the forward, the input gradient and the weight (and bias)
-    gradient each run either on the folded view (one bank, a batch of ``B * G``) or as
-    PyTorch's grouped convolution on ``groups`` copies of the bank. The copies are made
-    where they are used and dropped there: autograd keeps the input and the one bank, as
-    for the folded convolution.
+    gradient each run on the folded view (one bank, a batch of ``B * G``), as PyTorch's
+    grouped convolution on ``groups`` copies of the bank, or as batched matrix products
+    over the unfolded windows. Copies and windows are made where they are used and
+    dropped there: autograd keeps the input and the one bank, as for the folded
+    convolution.
     """
 
     generate_vmap_rule = True
@@ -308,15 +443,18 @@ class _Conv1dSharedCPU(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple
     ) -> Tensor:
-        groups, stride, padding, dilation, (grouped_forward, _, _) = options
-        if grouped_forward:
+        groups, stride, padding, dilation, (how, _, _) = options
+        batch = x.shape[0]
+        f_out, d, k = weight.shape
+        if how == UNFOLD:
+            return _unfolded_forward(x, weight, bias, groups, stride, padding, dilation)
+        if how == GROUPED:
             bias_copies = None if bias is None else bias.expand(groups, -1).reshape(-1)
             return _CONV[1](x, _repeat_bank(weight, groups), bias_copies, stride, padding,
                             dilation, groups)
-        batch, length = x.shape[0], x.shape[2]
-        folded = x.reshape(batch * groups, weight.shape[1], length)
+        folded = x.reshape(batch * groups, d, x.shape[2])
         out = _CONV[1](folded, weight, bias, stride, padding, dilation)
-        return out.view(batch, groups * weight.shape[0], out.shape[2])
+        return out.view(batch, groups * f_out, out.shape[2])
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -328,19 +466,24 @@ class _Conv1dSharedCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        groups, stride, padding, dilation, (_, grouped_x, grouped_w) = ctx.options
+        groups, stride, padding, dilation, (_, how_x, how_w) = ctx.options
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         # the bias gradient goes with the weight gradient (the same kernel computes both)
-        f_out, d = weight.shape[:2]
+        f_out, d, k = weight.shape
         conv = ([stride], [padding], [dilation], False, [0])
         grads: list[Tensor | None] = [None, None, None]  # input, weight, bias
-        for grouped in (True, False):
-            mask = [need_x and grouped_x == grouped, need_w and grouped_w == grouped,
-                    need_b and grouped_w == grouped]
+        unfolded = (need_x and how_x == UNFOLD, need_w and how_w == UNFOLD,
+                    need_b and how_w == UNFOLD)
+        if any(unfolded):
+            grads = _unfolded_backward(grad, x, weight, groups, stride, padding, dilation,
+                                       unfolded)
+        for how in (GROUPED, FOLD):
+            mask = [need_x and how_x == how, need_w and how_w == how,
+                    need_b and how_w == how]
             if not any(mask):
                 continue
-            if grouped:
+            if how == GROUPED:
                 gx, gw, gb = torch.ops.aten.convolution_backward(
                     grad, x, _repeat_bank(weight, groups),
                     [groups * f_out] if mask[2] else None, *conv, groups, mask,
@@ -402,13 +545,14 @@ def shared_conv(
     Equal to ``F.convNd(input, weight.repeat(groups, 1, ...), bias.repeat(groups),
     groups=groups)``, computed without saving the copies: the groups are folded into the
     batch and a single ``F.convNd`` call applies the shared bank. On the CPU, a 1-d
-    convolution with few channels or few filters per group computes some of its parts
-    (forward, input gradient, weight gradient) with PyTorch's grouped convolution on
-    temporary copies of the bank instead, where that was measured faster
-    (:data:`GROUPED_FORWARD_WEIGHTS`, :data:`GROUPED_INPUT_GRAD`,
-    :data:`GROUPED_WEIGHT_GRAD`); the result is the same, and autograd still keeps only
-    the input and the one bank (the chapter "Performance" has the
-    measurements). The dimension (1-d, 2-d or 3-d) is taken from ``weight``.
+    convolution computes its parts (forward, input gradient, weight gradient) another way
+    where that was measured faster: with a small bank (:data:`UNFOLD_WEIGHTS`), as
+    batched matrix products over the unfolded windows; with few channels or few filters
+    per group, some parts as PyTorch's grouped convolution on temporary copies of the
+    bank (:data:`GROUPED_FORWARD_WEIGHTS`, :data:`GROUPED_INPUT_GRAD`,
+    :data:`GROUPED_WEIGHT_GRAD`). The result is the same, and autograd still keeps only
+    the input and the one bank (the chapter "Performance" has the measurements). The
+    dimension (1-d, 2-d or 3-d) is taken from ``weight``.
 
     Args:
         input: Tensor of shape :math:`(N, G \cdot D, *S)` or, unbatched, :math:`(G \cdot D, *S)`.
