@@ -329,8 +329,9 @@ def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
 def _chunks(n: int, bytes_per_sample: int) -> list[tuple[int, int]]:
     """Ranges of samples whose windows take about :data:`UNFOLD_CHUNK_BYTES` together.
 
-    One range (no loop) under ``torch.compile`` and functorch transforms, which see the
-    whole computation better than a Python loop over slices.
+    One range (no loop) under ``torch.compile`` and functorch transforms: the forward
+    writes its chunks with ``out=`` into slices of one output, which those do not
+    support, and the compiler would unroll the loop into its graph.
     """
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return [(0, n)]
