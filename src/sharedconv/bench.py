@@ -277,6 +277,21 @@ def masked_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
 LOOP_MAX_GROUPS = 512
 
 
+def _conv_inputs(
+    B: int, G: int, D: int, L: int, F_: int, k: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ``(B, G * D, L)``, bank ``(F, D, k)`` and bias, all requiring gradients.
+
+    Seeded, with ``nn.Conv1d``'s initialisation range for the bank and the bias.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, G * D, L, generator=g).to(device, dtype).requires_grad_()
+    bound = 1 / (D * k) ** 0.5
+    w = ((torch.rand(F_, D, k, generator=g) * 2 - 1) * bound).to(device, dtype)
+    b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
+    return x, w.requires_grad_(), b.requires_grad_()
+
+
 def _shared_cases(
     suite: str, shapes: list[dict[str, int]], device: torch.device, dtype: torch.dtype
 ) -> list[Case]:
@@ -287,13 +302,7 @@ def _shared_cases(
     cases = []
     for shape in shapes:
         B, G, D, L, F_, k = (shape[n] for n in ("B", "G", "D", "L", "F", "k"))
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(B, G * D, L, generator=g).to(device, dtype).requires_grad_()
-        bound = 1 / (D * k) ** 0.5
-        w = ((torch.rand(F_, D, k, generator=g) * 2 - 1) * bound).to(device, dtype)
-        b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
-        w.requires_grad_()
-        b.requires_grad_()
+        x, w, b = _conv_inputs(B, G, D, L, F_, k, device, dtype)
         options = dict(groups=G, padding=k // 2)
 
         def layer(x, w, b, options=options):
@@ -420,13 +429,7 @@ def small_bank_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
     cases = []
     for B, G, L in configs:
         for D, F_, k in banks:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(B, G * D, L, generator=g).to(device, dtype).requires_grad_()
-            bound = 1 / (D * k) ** 0.5
-            w = ((torch.rand(F_, D, k, generator=g) * 2 - 1) * bound).to(device, dtype)
-            b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
-            w.requires_grad_()
-            b.requires_grad_()
+            x, w, b = _conv_inputs(B, G, D, L, F_, k, device, dtype)
             pad = k // 2
             routed = _cpu_route(x, w, G, pad, unfold=False) or ("fold",) * 3
 

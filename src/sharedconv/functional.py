@@ -446,7 +446,7 @@ class _Conv1dSharedCPU(torch.autograd.Function):
     ) -> Tensor:
         groups, stride, padding, dilation, (how, _, _) = options
         batch = x.shape[0]
-        f_out, d, k = weight.shape
+        f_out, d = weight.shape[:2]
         if how == UNFOLD:
             return _unfolded_forward(x, weight, bias, groups, stride, padding, dilation)
         if how == GROUPED:
@@ -471,7 +471,7 @@ class _Conv1dSharedCPU(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         # the bias gradient goes with the weight gradient (the same kernel computes both)
-        f_out, d, k = weight.shape
+        f_out, d = weight.shape[:2]
         conv = ([stride], [padding], [dilation], False, [0])
         grads: list[Tensor | None] = [None, None, None]  # input, weight, bias
         unfolded = (need_x and how_x == UNFOLD, need_w and how_w == UNFOLD,
