@@ -18,7 +18,8 @@ FIELDS = {"saved_bytes", "param_bytes", "forward_flops", "forward_s", "forward_r
 def test_cli_help_explains_itself():
     result = subprocess.run([sys.executable, "-m", "sharedconv.bench", "--help"],
                             capture_output=True, text=True, check=True)
-    for word in ("--suite", "--quick", "--allocator", "--device", "ratios", "interleaved"):
+    for word in ("--suite", "--quick", "--allocator", "--device", "--threads", "ratios",
+                 "interleaved"):
         assert word in result.stdout
 
 
@@ -36,6 +37,8 @@ def test_cli_writes_json_with_every_field(tmp_path):
     data = json.loads(out.read_text())
     assert data["meta"]["allocator"].startswith("glibc malloc, tuned")
     assert data["meta"]["device_type"] == "cpu"
+    for field in ("cpu_model", "cpu_capability", "threads", "torch", "onednn"):
+        assert field in data["meta"], field
     (record,) = data["results"]
     assert record["suite"] == "masked" and record["reference"] == "masked_shared"
     assert set(record["approaches"]) == {"masked_shared", "naive_layer", "naive_repeat"}
@@ -61,41 +64,57 @@ def test_describe_allocator(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["streams", "groups", "input_grad", "small_banks"])
+@pytest.mark.parametrize("suite", ["streams", "groups"])
 def test_quick_suites_agree_and_record(suite):
-    """Every quick case checks its approaches against each other before timing them."""
+    """Every quick case checks its approaches against each other before timing them, and
+    records the tuned layer's choices and what tuning them cost."""
     import torch
 
     cases = bench.SUITES[suite](torch.device("cpu"), torch.float32, True)
     assert cases
     for case in cases:
         record = bench.run_case(case, torch.device("cpu"), rounds=1, min_time=0.001)
-        assert set(record["approaches"]) == {a.name for a in case.approaches}
+        record["suite"] = suite
+        names = set(record["approaches"])
+        assert names == {a.name for a in case.approaches}
+        assert {"layer", "tuned", "fold", "only_grouped", "only_unfold", *bench.OTHERS} <= names
         assert record["approaches"][case.reference]["forward_ratio"] == 1.0
-        if suite == "input_grad":
-            assert set(record["approaches"]) == {
-                "folded_input_grad", "grouped_input_grad", "folded_weight_grad",
-                "grouped_weight_grad"}
-        elif suite == "small_banks":
-            assert set(record["approaches"]) == {"fold", "grouped_expand", "unfolded", "routed"}
-            unfolded = record["approaches"]["unfolded"]
-            assert unfolded["saved_bytes"] == record["approaches"]["fold"]["saved_bytes"]
-            assert unfolded["forward_flops"] == record["approaches"]["fold"]["forward_flops"]
-            assert len(record["routed"]) == 3
-        else:
-            assert {"layer", "fold", "grouped_expand"} <= set(record["approaches"])
-            layer = record["approaches"]["layer"]
-            # the layer saves what the bare fold saves (input and one bank), never more
-            assert layer["saved_bytes"] == record["approaches"]["fold"]["saved_bytes"]
+        fold = record["approaches"]["fold"]
+        for name in ("layer", "tuned", "only_grouped", "only_unfold"):
+            # whatever runs, autograd keeps the input and one bank, as the bare fold does
+            assert record["approaches"][name]["saved_bytes"] == fold["saved_bytes"], name
+            assert record["approaches"][name]["forward_flops"] == fold["forward_flops"], name
+        tuning = record["approaches"]["tuned"]["tuning"]
+        assert set(tuning["choices"]) == {"forward", "forward_backward"}
+        training = tuning["choices"]["forward_backward"]
+        assert set(training["timings"]) == {"forward", "input_grad", "weight_grad"}
+        assert set(training["timings"]["forward"]) == {"fold", "grouped", "unfold"}
+        assert all(v > 0 for v in training["tuning_s"].values())
+        (row,) = bench.goal_rows([record])
+        assert row["saved_equal_fold"] and row["tuning_steps"] > 0
+        assert row["forward"]["best_own"] in ("layer", "only_grouped", "only_unfold")
+        assert row["forward_backward"]["best_other"] in bench.OTHERS
+        assert "tuned/own" in bench.goal_table([row])
 
 
-def test_input_grad_case_catches_a_wrong_approach():
+def test_machine_names_what_the_figures_depend_on():
     import torch
 
-    (case, *_) = bench.input_grad_cases(torch.device("cpu"), torch.float32, True)
-    wrong = case.approaches[1]
-    wrong.run = lambda grad, x, w, run=wrong.run: run(grad, x, w) * 1.5
-    with pytest.raises(AssertionError, match="grouped_input_grad disagrees"):
+    info = bench.machine(torch.device("cpu"))
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["threads"] == torch.get_num_threads()
+    assert info["torch"] == torch.__version__ and info["cpu_model"]
+    if torch.backends.mkldnn.is_available():
+        assert info["onednn"] and info["onednn"][0].isdigit()
+
+
+def test_a_case_catches_a_wrong_approach():
+    import torch
+
+    (case,) = bench.streams_cases(torch.device("cpu"), torch.float32, True)
+    wrong = next(a for a in case.approaches if a.name == "only_unfold")
+    wrong.run = lambda x, w, b, run=wrong.run: run(x, w, b) * 1.5
+    with pytest.raises(AssertionError, match="only_unfold disagrees"):
         bench.run_case(case, torch.device("cpu"), rounds=1, min_time=0.001)
 
 

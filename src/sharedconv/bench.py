@@ -55,6 +55,8 @@ class Approach:
     inputs: tuple
     params: tuple = ()
     grad_out: torch.Tensor | None = None
+    #: the approach autotunes (:func:`sharedconv.autotune`): its tuning is timed first
+    tuned: bool = False
 
 
 @dataclass
@@ -87,19 +89,47 @@ def describe_allocator() -> str:
     return "glibc malloc, default"
 
 
-def device_name(device: torch.device) -> str:
-    """A human name of the device: the GPU's name, or the CPU model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_model() -> str:
+    """The CPU's model name, as the operating system reports it."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return model
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of the device: the GPU's name, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What a figure depends on: CPU model, instruction set, threads, library versions, GPU.
+
+    ``cpu_capability`` is the vector instruction set PyTorch's CPU kernels use
+    (``torch.backends.cpu.get_cpu_capability()``: ``AVX2``, ``AVX512``, ...); oneDNN, which
+    runs the CPU convolutions, picks its own kernels from the same instruction set.
+    """
+    onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onednn": onednn.group(1) if onednn else None,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    return info
 
 
 def _slug(text: str) -> str:
@@ -164,9 +194,43 @@ def _time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
+    """Tune the two keys of a case from an empty cache, and record the choices.
+
+    One forward without gradients (the inference key), then one forward + backward (the
+    training key: its forward, input and weight gradients). What tuning cost is the
+    tuner's own record, ``tuning_s`` per part, warm-up calls included; the wall times of
+    the two first calls are kept beside it (they include the calls themselves and, for the
+    first case of a process, one-time costs that any first call pays).
+    """
+    from . import tuning
+
+    tuning.clear_cache()
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = approach.run(*approach.inputs)
+    _sync(device)
+    forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    approach.run(*approach.inputs).backward(torch.ones_like(out))
+    _sync(device)
+    step_s = time.perf_counter() - start
+    _zero_grads(approach)
+    choices = {}
+    for key, choice in tuning.cache().items():
+        kind = "forward_backward" if any(key.needs) else "forward"
+        choices[kind] = {"forward": choice.forward, "input_grad": choice.input_grad,
+                         "weight_grad": choice.weight_grad, "timings": choice.timings,
+                         "tuning_s": choice.tuning_s}
+    return {"first_forward_s": forward_s, "first_forward_backward_s": step_s,
+            "choices": choices}
+
+
 def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> dict[str, Any]:
     """Check, measure and time every approach of ``case``; return its JSON record."""
     outputs = {}
+    tuned = {a.name: _tune(a, device) for a in case.approaches if a.tuned}
     gen = torch.Generator(device=device).manual_seed(0)
     for a in case.approaches:
         with torch.no_grad():
@@ -202,6 +266,8 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
         }
         if not case.forward_only:
             entry["saved_bytes"] = saved_tensors(a.run, *a.inputs, exclude=a.params).nbytes
+        if a.name in tuned:
+            entry["tuning"] = tuned[a.name]
         if device.type == "cuda" and not case.forward_only:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -292,11 +358,34 @@ def _conv_inputs(
     return x, w.requires_grad_(), b.requires_grad_()
 
 
+#: The approaches that are the tuner's own strategies, besides the layer (the fold).
+OWN = ("only_grouped", "only_unfold")
+
+#: The other ways people compute it (:mod:`sharedconv.baselines`), fold excluded.
+OTHERS = ("loop", "lift", "grouped_expand", "grouped_repeat", "vmap")
+
+
+def _only(strategy: str, groups: int, padding: int) -> Callable[..., torch.Tensor]:
+    """The shared convolution with every part run by one of the tuner's strategies."""
+    from . import tuning
+
+    o = tuning._Options(groups, (1,), (padding,), (1,))
+    choice = tuning.Choice(strategy, strategy, strategy)
+
+    def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return tuning._TunedConv.apply(x, w, b, o, None, choice)
+        return tuning._FORWARD[strategy](x, w, b, o)
+
+    return run
+
+
 def _shared_cases(
     suite: str, shapes: list[dict[str, int]], device: torch.device, dtype: torch.dtype
 ) -> list[Case]:
-    """The layer against every baseline of :mod:`sharedconv.baselines`, at each shape."""
-    from . import baselines
+    """The layer, the tuned layer and the tuner's strategies against every baseline of
+    :mod:`sharedconv.baselines`, at each shape."""
+    from . import baselines, tuning
     from .functional import shared_conv
 
     cases = []
@@ -308,7 +397,16 @@ def _shared_cases(
         def layer(x, w, b, options=options):
             return shared_conv(x, w, b, **options)
 
-        approaches = [Approach("layer", layer, (x, w, b), (w, b))]
+        def tuned(x, w, b, options=options):
+            with tuning.autotune():
+                return shared_conv(x, w, b, **options)
+
+        approaches = [Approach("layer", layer, (x, w, b), (w, b)),
+                      Approach("tuned", tuned, (x, w, b), (w, b), tuned=True)]
+        o = tuning._Options(G, (1,), (k // 2,), (1,))
+        for strategy in tuning._candidates(x, w, o)[1:]:
+            approaches.append(Approach(f"only_{strategy}", _only(strategy, G, k // 2),
+                                       (x, w, b), (w, b)))
         for name, fn in baselines.BASELINES.items():
             if name == "loop" and G > LOOP_MAX_GROUPS:
                 continue  # see LOOP_MAX_GROUPS
@@ -349,111 +447,7 @@ def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     return _shared_cases("groups", shapes, device, dtype)
 
 
-def input_grad_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
-    """The rule behind ``GROUPED_INPUT_GRAD``: a 1-d backward pass, folded or grouped.
-
-    From the same output gradient ``(B, G * F, L)``, for ``D`` input channels per group:
-    the input gradient, and the weight and bias gradients, each computed by
-    ``aten::convolution_backward`` on the folded view (one bank, a batch of ``B * G``) and
-    on the grouped view (``G`` groups, with ``G`` copies of the bank made in the timed
-    call and, for the weight, the ``G`` bank gradients summed). Forward timing only: the
-    approaches *are* backward passes. Ratios are to the folded input gradient.
-    """
-    from .functional import _repeat_bank  # the layer's own copies
-
-    channels = (1, 4, 8, 16) if quick else tuple(range(1, 17))
-    configs = [(2, 16, 128, 16, 5)] if quick else [(4, 64, 512, 16, 5), (2, 1024, 64, 32, 3)]
-    backward = torch.ops.aten.convolution_backward
-    cases = []
-    for B, G, L, F_, k in configs:
-        for D in channels:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(B, G * D, L, generator=g).to(device, dtype)
-            w = torch.randn(F_, D, k, generator=g).to(device, dtype)
-            grad = torch.randn(B, G * F_, L, generator=g).to(device, dtype)
-            conv = ([1], [k // 2], [1], False, [0])
-
-            def folded_input(grad, x, w, G=G, conv=conv):
-                n = x.shape[0] * G
-                return backward(grad.view(n, -1, grad.shape[2]), x.view(n, -1, x.shape[2]),
-                                w, None, *conv, 1, [True, False, False])[0].view(x.shape)
-
-            def grouped_input(grad, x, w, G=G, conv=conv):
-                copies = _repeat_bank(w, G)
-                return backward(grad, x, copies, None, *conv, G, [True, False, False])[0]
-
-            def folded_weight(grad, x, w, G=G, conv=conv):
-                n = x.shape[0] * G
-                return backward(grad.view(n, -1, grad.shape[2]), x.view(n, -1, x.shape[2]),
-                                w, [w.shape[0]], *conv, 1, [False, True, True])[1]
-
-            def grouped_weight(grad, x, w, G=G, conv=conv):
-                copies = _repeat_bank(w, G)
-                out = backward(grad, x, copies, [copies.shape[0]], *conv, G,
-                               [False, True, True])
-                return out[1].view(G, *w.shape).sum(0)
-
-            approaches = [Approach(name, fn, (grad, x, w)) for name, fn in (
-                ("folded_input_grad", folded_input), ("grouped_input_grad", grouped_input),
-                ("folded_weight_grad", folded_weight), ("grouped_weight_grad", grouped_weight),
-            )]
-            shape = dict(B=B, G=G, D=D, L=L, F=F_, k=k)
-            cases.append(Case("input_grad", shape, approaches,
-                              reference="folded_input_grad", forward_only=True,
-                              # PyTorch's folded weight gradient: a second reference
-                              agree_with={"grouped_weight_grad": "folded_weight_grad",
-                                          "folded_weight_grad": "folded_weight_grad"}))
-    return cases
-
-
-def small_bank_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
-    """The rule behind ``UNFOLD_WEIGHTS``: small banks, unfolded or not (1-d, CPU).
-
-    For banks of ``F`` filters over ``D`` channels and ``k`` taps, shared by ``G`` groups:
-    the bare fold and the grouped convolution on expanded banks (the baselines), the
-    layer's unfolded route (matrix products over the unfolded windows, every part), and
-    the route the layer takes without it (``routed``: the grouped and folded parts chosen
-    by the other constants). Ratios are to the bare fold. The CPU only: the routes are
-    the CPU's (on a GPU the layer is the bare fold).
-    """
-    if device.type != "cpu":
-        return []
-    from . import baselines
-    from .functional import _Conv1dSharedCPU, _cpu_route
-
-    if quick:
-        configs, banks = [(4, 16, 256)], [(1, 8, 3), (2, 16, 7)]
-    else:
-        configs = [(8, 64, 512), (8, 256, 128)]
-        banks = [(D, F_, k) for D in (1, 2, 4) for F_ in (8, 16, 32, 64) for k in (3, 7)]
-    cases = []
-    for B, G, L in configs:
-        for D, F_, k in banks:
-            x, w, b = _conv_inputs(B, G, D, L, F_, k, device, dtype)
-            pad = k // 2
-            routed = _cpu_route(x, w, G, pad, unfold=False) or ("fold",) * 3
-
-            def through(route, G=G, pad=pad):
-                return lambda xs, ws, bs: _Conv1dSharedCPU.apply(xs, ws, bs, (G, 1, pad, 1, route))
-
-            approaches = [
-                Approach("fold", lambda x, w, b, G=G, pad=pad: baselines.fold(
-                    x, w, b, groups=G, padding=pad), (x, w, b), (w, b)),
-                Approach("grouped_expand", lambda x, w, b, G=G, pad=pad:
-                         baselines.grouped_expand(x, w, b, groups=G, padding=pad),
-                         (x, w, b), (w, b)),
-                Approach("unfolded", through(("unfold",) * 3), (x, w, b), (w, b)),
-                Approach("routed", through(routed), (x, w, b), (w, b)),
-            ]
-            shape = dict(B=B, G=G, D=D, L=L, F=F_, k=k)
-            cases.append(Case("small_banks", shape, approaches, reference="fold",
-                              notes={"routed": list(routed)}))
-    return cases
-
-
 SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
-    "input_grad": input_grad_cases,
-    "small_banks": small_bank_cases,
     "streams": streams_cases,
     "groups": groups_cases,
     "masked": masked_cases,
@@ -480,6 +474,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
                         help="'tuned' re-runs with glibc's malloc tunables raised (CPU); "
                         "'default' leaves the environment as it is")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; default: as the process has)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (default 7, quick 3)")
     parser.add_argument("--min-time", type=float, default=None,
@@ -520,6 +516,65 @@ def _table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The package's performance goal, shape by shape, from one run's streams and groups.
+
+    For each pass (``forward``, ``forward_backward``): the default layer against the bare
+    fold (``layer / fold``), the tuned layer against the fastest of its own strategies
+    (the layer, which is the fold, and ``only_*``) and against the fastest other approach
+    (:data:`OTHERS`), medians of the same interleaved rounds; saved bytes of the layer and
+    the tuned layer against the fold's; the tuning cost of the training key in steps of the
+    slowest of the tuner's strategies.
+    """
+    rows = []
+    for rec in records:
+        ap = rec["approaches"]
+        if rec.get("suite") not in ("streams", "groups") or "tuned" not in ap:
+            continue
+        row: dict[str, Any] = {"suite": rec["suite"], "shape": rec["shape"]}
+        own = ["layer", *(n for n in OWN if n in ap)]
+        for kind in ("forward", "forward_backward"):
+            t = {n: a[f"{kind}_s"] for n, a in ap.items()}
+            others = [n for n in OTHERS if n in t]
+            best_other = min(others, key=t.__getitem__)
+            row[kind] = {
+                "layer_vs_fold": t["layer"] / t["fold"],
+                "tuned_vs_own": t["tuned"] / min(t[n] for n in own),
+                "tuned_vs_other": t["tuned"] / t[best_other],
+                "best_other": best_other,
+                "best_own": min(own, key=t.__getitem__),
+            }
+        slowest = max(ap[n]["forward_backward_s"] for n in own)
+        cost = sum(ap["tuned"]["tuning"]["choices"]["forward_backward"]["tuning_s"].values())
+        row["tuning_steps"] = cost / slowest
+        row["tuning_s"] = cost
+        row["saved_equal_fold"] = (ap["layer"]["saved_bytes"] == ap["tuned"]["saved_bytes"]
+                                   == ap["fold"]["saved_bytes"])
+        rows.append(row)
+    return rows
+
+
+#: The goal's bounds: default layer / fold, tuned / its own best, tuned / best other.
+GOAL = {"layer_vs_fold": 1.03, "tuned_vs_own": 1.05, "tuned_vs_other": 1.10}
+
+
+def goal_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`goal_rows` as text: one line per shape, misses of :data:`GOAL` starred."""
+    head = (f"{'shape':34s} {'pass':8s} {'layer/fold':>10s} {'tuned/own':>9s} "
+            f"{'tuned/other':>11s} {'tune steps':>10s}")
+    lines = [head]
+    for row in rows:
+        shape = " ".join(f"{k}={v}" for k, v in row["shape"].items() if k != "B")
+        for kind, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
+            r = row[kind]
+            cells = [f"{r[name]:.2f}{'*' if r[name] > GOAL[name] else ' '}"
+                     for name in ("layer_vs_fold", "tuned_vs_own", "tuned_vs_other")]
+            steps = f"{row['tuning_steps']:.1f}" if kind == "forward_backward" else ""
+            lines.append(f"{shape:34s} {label:8s} {cells[0]:>10s} {cells[1]:>9s} "
+                         f"{cells[2]:>11s} {steps:>10s}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
@@ -530,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 7)
     min_time = args.min_time or (0.05 if args.quick else 0.2)
     suites = args.suite or sorted(SUITES)
@@ -539,9 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device_type": device.type,
         "dtype": args.dtype,
         "allocator": describe_allocator() if device.type == "cpu" else "CUDA caching allocator",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **machine(device),
         "quick": args.quick,
         "rounds": rounds,
         "min_time_s": min_time,
@@ -561,11 +616,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             records.append(rec)
             print(f"{time.perf_counter() - start:.1f} s", flush=True)
     print(_table(records))
+    goal = [row for row in goal_rows(records) if row]
+    if goal:
+        print("\n" + goal_table(goal))
 
     result = {"meta": meta, "results": records}
     out = args.out
     if out is None:
         name = _slug(meta["device"].split(" (")[0])
+        if device.type == "cpu":
+            name += f"-{meta['threads']}t"
         if device.type == "cpu" and "default" in meta["allocator"]:
             name += "-default-malloc"
         if args.quick:

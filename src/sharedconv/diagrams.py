@@ -227,9 +227,12 @@ def _palette() -> list[tuple[float, float, float]]:
     """60 qualitative colours: tab10, then the light shades of tab20, then tab20b/c."""
     from matplotlib import colormaps
 
-    colors = list(colormaps["tab10"].colors)
-    colors += [c for j, c in enumerate(colormaps["tab20"].colors) if j % 2]
-    colors += list(colormaps["tab20b"].colors) + list(colormaps["tab20c"].colors)
+    def listed(name: str) -> list:
+        return list(colormaps[name].colors)  # type: ignore[attr-defined]  # ListedColormap
+
+    colors = listed("tab10")
+    colors += [c for j, c in enumerate(listed("tab20")) if j % 2]
+    colors += listed("tab20b") + listed("tab20c")
     return [(float(c[0]), float(c[1]), float(c[2])) for c in colors]
 
 

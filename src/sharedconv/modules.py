@@ -15,18 +15,47 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .functional import (
+    _as_int,
     _as_tuple,
     _check_groups,
     _check_input,
     _check_padding_mode,
-    _check_rank,
     _fold_conv,
+    _groups_in,
     _IntOrTuple,
     _normalize_padding,
     _Padding,
 )
 
 __all__ = ["SharedConv1d", "SharedConv2d", "SharedConv3d"]
+
+
+def _layer_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, ...],
+    padding: str | tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int | None,
+    padding_mode: str,
+    who: str,
+) -> Tensor:
+    """A layer's forward: check the input against the layer, then fold and convolve.
+
+    ``groups=None`` (a :meth:`~_SharedConvNd.per_group` layer) reads the number of groups
+    from the input's channels.
+    """
+    if groups is None:
+        groups = _groups_in(input, weight.shape[1], weight.dim() - 2, who)
+    batched = _check_input(input, weight, groups, who)
+    return _fold_conv(input, weight, bias, stride, padding, dilation, groups, padding_mode,
+                      batched)
+
+
+# torch.fx.symbolic_trace records the layer's forward as one call of _layer_conv instead
+# of tracing into checks that read sizes a Proxy does not have.
+torch.fx.wrap("_layer_conv")
 
 
 class _SharedConvNd(nn.Module):
@@ -61,9 +90,9 @@ class _SharedConvNd(nn.Module):
         super().__init__()
         n = self._dim
         name = type(self).__name__
+        in_channels = _as_int(in_channels, f"{name}: in_channels must be an int")
+        out_channels = _as_int(out_channels, f"{name}: out_channels must be an int")
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: {arg} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name}: {arg} must be positive, got {value}")
         groups = _check_groups(groups)
@@ -143,21 +172,6 @@ class _SharedConvNd(nn.Module):
         """Filters in the shared bank, :math:`F` (``out_channels // groups``)."""
         return self._out_per_group
 
-    def _groups_for(self, input: Tensor) -> int:
-        """``groups``, or for a :meth:`per_group` layer the number the input holds."""
-        if self.groups is not None:
-            return self.groups
-        who = type(self).__name__
-        batched = _check_rank(input, self._dim, who)
-        channels = input.shape[1 if batched else 0]
-        if channels == 0 or channels % self._in_per_group:
-            raise ValueError(
-                f"{who} (groups read from the input) expected a positive multiple of "
-                f"{self._in_per_group} input channels (in_per_group), got {channels} in an "
-                f"input of shape {tuple(input.shape)}"
-            )
-        return channels // self._in_per_group
-
     def reset_parameters(self) -> None:
         """Initialise as ``nn.ConvNd`` does, with the same fan-in.
 
@@ -174,19 +188,8 @@ class _SharedConvNd(nn.Module):
                 init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor) -> Tensor:
-        groups = self._groups_for(input)
-        batched = _check_input(input, self.weight, groups, type(self).__name__)
-        return _fold_conv(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            groups,
-            self.padding_mode,
-            batched,
-        )
+        return _layer_conv(input, self.weight, self.bias, self.stride, self.padding,
+                           self.dilation, self.groups, self.padding_mode, type(self).__name__)
 
     def to_conv(self, groups: int | None = None) -> nn.Module:
         """The equivalent plain grouped ``nn.ConvNd``, with the shared bank copied ``groups`` times.
@@ -290,8 +293,8 @@ class SharedConv1d(_SharedConvNd):
     computes when its ``G`` banks of ``F = out_channels // G`` filters are all equal, but
     stores that bank once and trains it once: its gradient is the sum of what every group
     contributes. Implemented with one ``F.conv1d`` call on a view that folds the groups
-    into the batch (on the CPU, with the faster routes of
-    :func:`~sharedconv.functional.shared_conv` for few channels or few filters per group).
+    into the batch, on every device; inside :func:`sharedconv.autotune`, an eager call may
+    run another strategy measured faster on this machine for its shape.
 
     Two common uses:
 
