@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,29 @@ def hygiene_problems(nb: dict) -> list[str]:
             problems.append(f"cell {head!r} ends with ';'")
     if not any(cell.get("outputs") for cell in code):
         problems.append("no code cell has an output: nbval would compare nothing")
+    # the page column: every stored line of code and of text output fits 88 characters
+    for cell in code:
+        head = _source(cell).strip().splitlines()[0][:60]
+        lines = _source(cell).splitlines()
+        for out in cell.get("outputs", []):
+            text = out.get("text") if out["output_type"] == "stream" else (
+                out.get("data", {}).get("text/plain") if "image/png" not in out.get(
+                    "data", {}) else None)
+            if text:
+                lines += ("".join(text) if isinstance(text, list) else text).splitlines()
+        long = [line for line in lines if len(line) > 88]
+        if long:
+            problems.append(f"cell {head!r} has {len(long)} line(s) over 88 characters: "
+                            f"{long[0][:60]!r}...")
+    # exercise solutions: hidden, input and output, until the reader opens them
+    after_exercises = False
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown" and "## Exercises" in _source(cell):
+            after_exercises = True
+        elif after_exercises and cell["cell_type"] == "code" and _source(cell).strip():
+            if "hide-cell" not in cell.get("metadata", {}).get("tags", []):
+                head = _source(cell).strip().splitlines()[0][:60]
+                problems.append(f"solution cell {head!r} is not tagged hide-cell")
     return problems
 
 
@@ -97,9 +122,39 @@ def test_first_code_cell_is_the_colab_setup(path):
     first = next(c for c in nb["cells"] if c["cell_type"] == "code")
     src = _source(first)
     url = CONFIG["repository"]["url"].rstrip("/")
-    assert f"git+{url}" in src, "installs from the repository named in _config.yml"
+    assert f'"git+{url}"' in src, "installs from the repository named in _config.yml"
+    assert "sharedconv[diagrams] @ {repo}" in src, "with what the chapters need"
     assert 'find_spec("sharedconv") is None' in src, "installs only when not importable"
+    assert "torch=={version('torch')}" in src, "keeps the runtime's torch"
+    assert src.count("print(") <= 1, "prints at most one line"
     assert first["outputs"] == [], "prints nothing when sharedconv is installed"
+
+
+def test_colab_setup_keeps_the_runtime_torch(tmp_path):
+    """Run the setup cell with sharedconv missing and pip replaced by a recorder: it asks
+    for the package from the repository and pins torch to the version installed."""
+    nb = json.loads(NOTEBOOKS[0].read_text())
+    src = _source(next(c for c in nb["cells"] if c["cell_type"] == "code"))
+    recorded = tmp_path / "pip-args.json"
+    fake = (
+        "import importlib.util, json, subprocess, sys\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'sharedconv' else real(n, *a)\n"
+        f"subprocess.run = lambda args, check: open({str(recorded)!r}, 'w').write("
+        "json.dumps(args))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", fake + src], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    import torch
+
+    args = json.loads(recorded.read_text())
+    url = CONFIG["repository"]["url"].rstrip("/")
+    assert args[1:4] == ["-m", "pip", "install"]
+    assert f"sharedconv[diagrams] @ git+{url}" in args
+    from importlib.metadata import version
+
+    assert f"torch=={version('torch')}" in args and torch.__version__ in args[-1]
+    assert out.stdout.strip() == f"installed sharedconv from {url}"
 
 
 def test_config_is_jupyter_book_1_with_stored_outputs():
@@ -127,16 +182,66 @@ def test_hygiene_check_catches_a_notebook_saved_without_outputs():
     code = [c for c in reordered["cells"] if c["cell_type"] == "code"]
     code[1]["execution_count"] = 7
     assert any("expected 2" in p for p in hygiene_problems(reordered))
+    wide = copy.deepcopy(nb)
+    next(c for c in wide["cells"] if c["cell_type"] == "code")["source"] += "\n# " + "x" * 90
+    assert any("over 88 characters" in p for p in hygiene_problems(wide))
+    shown = copy.deepcopy(nb)
+    solution = [c for c in shown["cells"] if "hide-cell" in c.get("metadata", {}).get(
+        "tags", [])][0]
+    solution["metadata"]["tags"] = ["hide-input"]
+    assert any("not tagged hide-cell" in p for p in hygiene_problems(shown))
 
 
-def _nbval(path: Path, workdir: Path) -> subprocess.CompletedProcess:
+def _nbval(path: Path, workdir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """nbval (strict: every stored output compared) on one notebook, in ``workdir``."""
+    config = workdir.parent / f"{workdir.name}-pytest.ini"  # outside the notebook's folder
+    config.write_text("[pytest]\n")
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval",
-         "--nbval-current-env", "--nbval-sanitize-with", str(ROOT / "book" / "sanitize.cfg"),
-         str(path)],
+        [sys.executable, "-m", "pytest", "-c", str(config), "--rootdir", str(workdir),
+         "-p", "no:cacheprovider", "-q", "--nbval", "--nbval-current-env",
+         "--nbval-sanitize-with", str(ROOT / "book" / "sanitize.cfg"), str(path)],
         cwd=workdir, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def installed_package(tmp_path_factory) -> Path:
+    """sharedconv as ``pip install`` lays it out: the wheel of this tree, unpacked.
+
+    A notebook run with this folder first on ``PYTHONPATH`` imports the package from it,
+    with exactly the files the wheel ships (the stored benchmark runs included), instead
+    of the repository's ``src``.
+    """
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+                   check=True, capture_output=True)
+    (wheel,) = wheels.glob("sharedconv-*.whl")
+    site = tmp_path_factory.mktemp("site-packages")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    return site
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs_alone_as_on_colab(path, tmp_path, installed_package):
+    """The chapter as a reader gets it from the launch button: the notebook alone in an
+    empty folder, the package from its installed location, a fresh kernel. Every cell
+    runs, and nbval compares each cell's output with the stored one."""
+    alone = tmp_path / "content"
+    alone.mkdir()
+    shutil.copy(path, alone / path.name)
+    env = {"PYTHONPATH": str(installed_package)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import sharedconv; print(sharedconv.__file__)"],
+        cwd=alone, capture_output=True, text=True, check=True,
+        env={**os.environ, **env}).stdout.strip()
+    assert where.startswith(str(installed_package)), where
+    result = _nbval(alone / path.name, alone, env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 @pytest.mark.slow
@@ -150,10 +255,11 @@ def test_nbval_compares_real_outputs(tmp_path):
             break
     else:
         pytest.fail("no stream output to alter")
-    (tmp_path / "pyproject.toml").write_text("")  # keep the project's pytest options out
-    altered = tmp_path / "altered.ipynb"
+    work = tmp_path / "work"
+    work.mkdir()
+    altered = work / "altered.ipynb"
     altered.write_text(json.dumps(nb))
-    result = _nbval(altered, tmp_path)
+    result = _nbval(altered, work)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "1 failed" in result.stdout
 

@@ -481,8 +481,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=None,
                         help="seconds per timed sample (default 0.2, quick 0.05)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON file (default: benchmarks/results/<device>.json, "
-                        "with -default-malloc and -quick suffixes when they apply)")
+                        help="JSON file (default: <device>.json, with -<threads>t, "
+                        "-default-malloc and -quick where they apply, in "
+                        "src/sharedconv/results/ when run from the repository, where the "
+                        "book reads stored runs, else in the current folder)")
     return parser.parse_args(argv)
 
 
@@ -514,6 +516,26 @@ def _table(records: list[dict[str, Any]]) -> str:
                 f"{both} {saved_s} {a['forward_flops'] / 1e9:8.3f}"
             )
     return "\n".join(lines)
+
+
+def stored_runs(device_type: str | None = None) -> list[dict[str, Any]]:
+    """The benchmark runs that ship with the package (``sharedconv/results/*.json``).
+
+    Each run is the JSON a full run of this program wrote: ``meta`` (the machine, the
+    allocator, the settings) and ``results``. ``device_type`` (``"cpu"``, ``"cuda"``)
+    keeps the runs of one kind of device. Sorted by file name.
+    """
+    from importlib.resources import files
+
+    folder = files("sharedconv") / "results"
+    runs = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            run = json.loads(entry.read_text())
+            run["file"] = entry.name
+            if device_type is None or run["meta"]["device_type"] == device_type:
+                runs.append(run)
+    return runs
 
 
 def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -630,7 +652,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name += "-default-malloc"
         if args.quick:
             name += "-quick"
-        out = Path("benchmarks") / "results" / f"{name}.json"
+        stored = Path("src") / "sharedconv" / "results"
+        out = (stored if stored.is_dir() else Path()) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # keep the other suites' results of an earlier run
         try:
