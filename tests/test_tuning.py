@@ -324,10 +324,10 @@ def test_measure_calls_each_candidate_interleaved():
     candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
     times = tuning.measure(candidates, torch.device("cpu"), rounds=3)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
-    # a warm-up sample each, in order (an untimed call, a timed one), then 3 samples of
-    # an untimed call and one or more timed calls each
-    assert calls[:4] == ["a", "a", "b", "b"]
-    assert calls.count("a") >= 8 and calls.count("b") >= 8
+    # a warm-up sample each, in order (an untimed call, then timed ones), then 3 samples
+    # of an untimed call and timed calls each
+    assert calls[:2] == ["a", "a"] and calls.count("a") >= 2 + 3 * 2
+    assert calls.count("b") >= 2 + 3 * 2
 
 
 @pytest.mark.parametrize("needs", ["x", "w", "b", "wb", "xb"])

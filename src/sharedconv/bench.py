@@ -18,12 +18,11 @@ records in the JSON which allocator ran; ``--allocator default`` measures the un
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import random
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -183,15 +182,13 @@ def _time_interleaved(
         timer.timeit(1)  # warm-up (allocations, lazy init, oneDNN primitive caches)
         once = timer.timeit(2).median
         number[name] = max(1, int(min_time / max(once, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in timers}
-    order = list(timers)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            _sync(device)
-            samples[name].append(timers[name].timeit(number[name]).median)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    def sample(name: str) -> float:
+        _sync(device)
+        return timers[name].timeit(number[name]).median
+
+    from .tuning import interleaved
+
+    return interleaved({name: functools.partial(sample, name) for name in timers}, rounds)
 
 
 def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
@@ -339,7 +336,7 @@ def masked_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
 
 #: The loop is not timed above this many groups: its backward gives each of the G slices
 #: a zero-filled gradient the size of the whole input before adding them up, G times the
-#: input's bytes of memory traffic (275 GB at G = 4096, D = 64), about a minute per step.
+#: input's bytes of memory traffic (275 GB at G = 4096, D = 64 in the groups suite).
 LOOP_MAX_GROUPS = 512
 
 
@@ -366,16 +363,19 @@ OTHERS = ("loop", "lift", "grouped_expand", "grouped_repeat", "vmap")
 
 
 def _only(strategy: str, groups: int, padding: int) -> Callable[..., torch.Tensor]:
-    """The shared convolution with every part run by one of the tuner's strategies."""
-    from . import tuning
+    """The layer inside autotuning, with every part forced to one of the tuner's strategies.
 
-    o = tuning._Options(groups, (1,), (padding,), (1,))
+    The same call as the ``tuned`` approach (argument checks, key, dispatch), so that the two
+    differ only in the strategies they run.
+    """
+    from . import tuning
+    from .functional import shared_conv
+
     choice = tuning.Choice(strategy, strategy, strategy)
 
     def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-            return tuning._TunedConv.apply(x, w, b, o, None, choice)
-        return tuning._FORWARD[strategy](x, w, b, o)
+        with tuning._force(choice):
+            return shared_conv(x, w, b, groups=groups, padding=padding)
 
     return run
 
@@ -477,9 +477,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads; default: as the process has)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds (default 7, quick 3)")
+                        help="interleaved rounds (default 15, quick 3)")
     parser.add_argument("--min-time", type=float, default=None,
-                        help="seconds per timed sample (default 0.2, quick 0.05)")
+                        help="seconds per timed sample (default 0.1, quick 0.05)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default: <device>.json, with -<threads>t, "
                         "-default-malloc and -quick where they apply, in "
@@ -609,8 +609,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (3 if args.quick else 7)
-    min_time = args.min_time or (0.05 if args.quick else 0.2)
+    # Many short rounds rather than a few long ones: on a shared machine the speed drifts
+    # over seconds, and more interleaved rounds give the median more of the drift to
+    # average out (the chapter "Performance" measures how far two runs of the same
+    # computation then stay apart).
+    rounds = args.rounds or (3 if args.quick else 15)
+    min_time = args.min_time or (0.05 if args.quick else 0.1)
     suites = args.suite or sorted(SUITES)
 
     meta = {
@@ -624,8 +628,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "min_time_s": min_time,
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"device: {meta['device']} | allocator: {meta['allocator']} | dtype: {args.dtype}",
-          flush=True)
+    print(f"device: {meta['device']} | allocator: {meta['allocator'].split(' (')[0]} | "
+          f"dtype: {args.dtype}", flush=True)
     records = []
     for suite in suites:
         cases = SUITES[suite](device, dtype, args.quick)

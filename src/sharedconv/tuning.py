@@ -47,6 +47,7 @@ empties it. Timing goes through :data:`timer`, which tests may replace.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -183,6 +184,21 @@ class Choice:
 
 _CACHE: dict[Key, Choice] = {}
 
+#: A choice that every tuned call uses instead of the cache (the benchmark's strategies).
+_FORCED: Choice | None = None
+
+
+@contextlib.contextmanager
+def _force(choice: Choice) -> Iterator[None]:
+    """Tune as ``autotune`` does, but run ``choice`` for every key, timing nothing."""
+    global _ENABLED, _FORCED
+    previous = _ENABLED, _FORCED
+    _ENABLED, _FORCED = True, choice
+    try:
+        yield
+    finally:
+        _ENABLED, _FORCED = previous
+
 
 def cache() -> dict[Key, Choice]:
     """The tuned choices so far (a copy): key, the strategy per part and its timings."""
@@ -231,10 +247,11 @@ def measure(
 
     Each candidate is called once to warm up (oneDNN and cuDNN set up their kernels on a
     first call), then sampled ``rounds`` times in a shuffled order, so that a slow moment
-    of the machine falls on all of them alike. A sample is one untimed call (so that the
-    caches hold this candidate's data, not the previous one's, as in a steady loop) and
-    then enough timed calls to last about a millisecond (at most 50), so that neither the
-    clock's resolution nor a single interruption decides.
+    of the machine falls on all of them alike. A sample starts with one untimed call,
+    which brings this candidate's data into the caches as a steady loop would (the
+    previous sample was another candidate's), and then times the call, repeated until the
+    sample lasts half a millisecond (at most 50 calls), so that the clock's resolution
+    does not decide.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -247,15 +264,22 @@ def measure(
         sync()
         return (time.perf_counter() - start) / number
 
-    number = {name: max(1, min(50, round(1e-3 / max(seconds(fn, 1), 1e-9))))
+    number = {name: max(1, min(50, round(5e-4 / max(seconds(fn, 1), 1e-9))))
               for name, fn in candidates.items()}
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    order = list(candidates)
+    return interleaved({name: functools.partial(seconds, fn, number[name])
+                        for name, fn in candidates.items()}, rounds)
+
+
+def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The median of ``rounds`` samples of each sampler, all of them sampled once per round
+    in a shuffled (seeded, so reproducible) order."""
+    samples: dict[str, list[float]] = {name: [] for name in samplers}
+    order = list(samplers)
     rng = random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            samples[name].append(seconds(candidates[name], number[name]))
+            samples[name].append(samplers[name]())
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -543,7 +567,7 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
     needs = (grad and x.requires_grad, grad and w.requires_grad,
              grad and b is not None and b.requires_grad)
     key = _key(x, w, b, o, needs)
-    choice = _CACHE.get(key)
+    choice = _FORCED or _CACHE.get(key)
     if choice is None:
         if _modes_active():
             return _fold_forward(x, w, b, o)
