@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 
 import pytest
 import torch
@@ -229,7 +230,9 @@ def test_the_fold_runs_under_transforms_and_modes(where):
             out = torch.func.jvp(layer, (x,), (torch.ones_like(x),))[0]
         elif where == "jit_trace":
             # (check_trace would also run the layer eagerly, where tuning may time)
-            out = torch.jit.trace(layer, (x,), check_trace=False)(x)
+            with warnings.catch_warnings():  # torch.jit.trace is deprecated in torch
+                warnings.simplefilter("ignore", DeprecationWarning)
+                out = torch.jit.trace(layer, (x,), check_trace=False)(x)
         elif where == "autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = layer(x).float()

@@ -544,9 +544,10 @@ def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     For each pass (``forward``, ``forward_backward``): the default layer against the bare
     fold (``layer / fold``), the tuned layer against the fastest of its own strategies
     (the layer, which is the fold, and ``only_*``) and against the fastest other approach
-    (:data:`OTHERS`), medians of the same interleaved rounds; saved bytes of the layer and
-    the tuned layer against the fold's; the tuning cost of the training key in steps of the
-    slowest of the tuner's strategies.
+    (``OTHERS``: loop, lift, grouped with expanded or repeated banks, vmap), medians of
+    the same interleaved rounds; saved bytes of the layer and the tuned layer against the
+    fold's; the tuning cost of the training key in steps of the slowest of the tuner's
+    strategies.
     """
     rows = []
     for rec in records:
@@ -576,7 +577,9 @@ def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-#: The goal's bounds: default layer / fold, tuned / its own best, tuned / best other.
+#: Bounds of the goal, each a ratio of medians from one run, for the default layer over
+#: the bare fold, the tuned layer over the fastest of its own strategies, and the tuned
+#: layer over the fastest other approach.
 GOAL = {"layer_vs_fold": 1.03, "tuned_vs_own": 1.05, "tuned_vs_other": 1.10}
 
 

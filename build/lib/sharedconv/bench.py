@@ -1,0 +1,678 @@
+"""Benchmarks: ``python -m sharedconv.bench --help``.
+
+Every suite compares several ways of computing the same thing, at several shapes. For each
+shape, the approaches are first checked to agree, then timed *interleaved* (round after
+round, every approach once per round, in a shuffled order) with
+:class:`torch.utils.benchmark.Timer`, and reported as the median over rounds, as a ratio to
+the suite's reference approach measured in the same run. Exact costs are recorded beside the
+times: bytes saved for backward, parameter bytes, FLOPs.
+
+The allocator matters on the CPU: glibc's ``malloc`` returns large blocks to the system on
+``free`` and page-faults them in again on the next allocation, which can cost more than the
+convolution itself. By default the benchmark re-executes itself with glibc's tunables
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` raised (PyTorch's CPU performance
+guide recommends a caching allocator such as jemalloc or tcmalloc for the same reason), and
+records in the JSON which allocator ran; ``--allocator default`` measures the untuned one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .memory import flops, saved_tensors
+
+__all__ = ["Approach", "Case", "main", "run_case", "describe_allocator", "SUITES"]
+
+TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+@dataclass
+class Approach:
+    """One way of computing a case.
+
+    ``run(*inputs)`` computes the output; ``params`` are the parameters it trains (counted
+    as parameter bytes, not as saved bytes). The forward+backward pass back-propagates a
+    fixed random gradient ``grad_out`` of the output's shape and memory layout (set by
+    :func:`run_case`), so that only the approach's own backward is timed.
+    """
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    inputs: tuple
+    params: tuple = ()
+    grad_out: torch.Tensor | None = None
+    #: the approach autotunes (:func:`sharedconv.autotune`): its tuning is timed first
+    tuned: bool = False
+
+
+@dataclass
+class Case:
+    """One shape of one suite: its approaches and the reference the ratios are taken to."""
+
+    suite: str
+    shape: dict[str, int]
+    approaches: list[Approach]
+    reference: str
+    notes: dict[str, Any] = field(default_factory=dict)
+    forward_only: bool = False  # the approaches compute a gradient themselves
+    #: the approach each one must agree with, where that is not ``reference``; an
+    #: approach named here as its own is a second reference, checked against nothing
+    agree_with: dict[str, str] = field(default_factory=dict)
+
+
+def describe_allocator() -> str:
+    """Which allocator this process runs with, as far as the environment tells."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return f"{name} (LD_PRELOAD)"
+    if all(os.environ.get(k) == v for k, v in TUNED_ENV.items()):
+        return "glibc malloc, tuned (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ = 2**34)"
+    if any(k in os.environ for k in TUNED_ENV):
+        return "glibc malloc, custom tunables " + ", ".join(
+            f"{k}={os.environ[k]}" for k in TUNED_ENV if k in os.environ
+        )
+    return "glibc malloc, default"
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as the operating system reports it."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of the device: the GPU's name, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What a figure depends on: CPU model, instruction set, threads, library versions, GPU.
+
+    ``cpu_capability`` is the vector instruction set PyTorch's CPU kernels use
+    (``torch.backends.cpu.get_cpu_capability()``: ``AVX2``, ``AVX512``, ...); oneDNN, which
+    runs the CPU convolutions, picks its own kernels from the same instruction set.
+    """
+    onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onednn": onednn.group(1) if onednn else None,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    return info
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fwd_bwd(approach: Approach) -> None:
+    approach.run(*approach.inputs).backward(approach.grad_out)
+
+
+def _zero_grads(approach: Approach) -> None:
+    for t in approach.inputs + approach.params:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+
+
+def _time_interleaved(
+    approaches: list[Approach], kind: str, rounds: int, min_time: float, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each approach, over ``rounds`` interleaved rounds."""
+    from torch.utils.benchmark import Timer
+
+    def stmt_for(a: Approach) -> Callable[[], None]:
+        if kind == "forward":
+
+            def fwd() -> None:
+                with torch.no_grad():
+                    a.run(*a.inputs)
+
+            return fwd
+
+        def fwd_bwd() -> None:
+            _fwd_bwd(a)
+            _zero_grads(a)
+
+        return fwd_bwd
+
+    # Timer runs with one thread unless told otherwise: time with the threads this
+    # process has, the ones the recorded ``threads`` field names
+    threads = torch.get_num_threads()
+    timers = {a.name: Timer("f()", globals={"f": stmt_for(a)}, num_threads=threads)
+              for a in approaches}
+    # one calibration per approach: how many calls make one sample of ~min_time
+    number = {}
+    for name, timer in timers.items():
+        timer.timeit(1)  # warm-up (allocations, lazy init, oneDNN primitive caches)
+        once = timer.timeit(2).median
+        number[name] = max(1, int(min_time / max(once, 1e-6)))
+    def sample(name: str) -> float:
+        _sync(device)
+        return timers[name].timeit(number[name]).median
+
+    from .tuning import interleaved
+
+    return interleaved({name: functools.partial(sample, name) for name in timers}, rounds)
+
+
+def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
+    """Tune the two keys of a case from an empty cache, and record the choices.
+
+    One forward without gradients (the inference key), then one forward + backward (the
+    training key: its forward, input and weight gradients). What tuning cost is the
+    tuner's own record, ``tuning_s`` per part, warm-up calls included; the wall times of
+    the two first calls are kept beside it (they include the calls themselves and, for the
+    first case of a process, one-time costs that any first call pays).
+    """
+    from . import tuning
+
+    tuning.clear_cache()
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = approach.run(*approach.inputs)
+    _sync(device)
+    forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    approach.run(*approach.inputs).backward(torch.ones_like(out))
+    _sync(device)
+    step_s = time.perf_counter() - start
+    _zero_grads(approach)
+    choices = {}
+    for key, choice in tuning.cache().items():
+        kind = "forward_backward" if any(key.needs) else "forward"
+        choices[kind] = {"forward": choice.forward, "input_grad": choice.input_grad,
+                         "weight_grad": choice.weight_grad, "timings": choice.timings,
+                         "tuning_s": choice.tuning_s}
+    return {"first_forward_s": forward_s, "first_forward_backward_s": step_s,
+            "choices": choices}
+
+
+def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> dict[str, Any]:
+    """Check, measure and time every approach of ``case``; return its JSON record."""
+    outputs = {}
+    tuned = {a.name: _tune(a, device) for a in case.approaches if a.tuned}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for a in case.approaches:
+        with torch.no_grad():
+            out = a.run(*a.inputs)
+        # randn_like keeps the output's strides: a downstream elementwise op would too
+        a.grad_out = torch.empty_like(out).normal_(generator=gen)
+        outputs[a.name] = out.float()
+    for name, out in outputs.items():
+        ref_name = case.agree_with.get(name, case.reference)
+        if ref_name == name:
+            continue
+        ref = outputs[ref_name]
+        if out.shape != ref.shape:
+            raise AssertionError(f"{case.suite} {case.shape}: {name} has shape "
+                                 f"{tuple(out.shape)}, expected {tuple(ref.shape)}")
+        scale = ref.abs().max().item() or 1.0
+        err = (out - ref).abs().max().item() / scale
+        if err > 1e-2:
+            raise AssertionError(f"{case.suite} {case.shape}: {name} disagrees ({err:.2e})")
+    del outputs
+
+    record: dict[str, Any] = {"shape": case.shape, "reference": case.reference, "approaches": {}}
+    for a in case.approaches:
+        assert a.grad_out is not None
+        result = a.grad_out  # of the output's shape and dtype
+        entry = {
+            "param_bytes": sum(p.numel() * p.element_size() for p in a.params),
+            "forward_flops": flops(a.run, *a.inputs),
+            # the least memory traffic of a forward: read the inputs, write the output once
+            "min_forward_bytes": sum(t.numel() * t.element_size() for t in a.inputs
+                                     if isinstance(t, torch.Tensor))
+            + result.numel() * result.element_size(),
+        }
+        if not case.forward_only:
+            entry["saved_bytes"] = saved_tensors(a.run, *a.inputs, exclude=a.params).nbytes
+        if a.name in tuned:
+            entry["tuning"] = tuned[a.name]
+        if device.type == "cuda" and not case.forward_only:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            _fwd_bwd(a)
+            _zero_grads(a)
+            torch.cuda.synchronize(device)
+            entry["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        record["approaches"][a.name] = entry
+    for kind in ("forward",) if case.forward_only else ("forward", "forward_backward"):
+        times = _time_interleaved(case.approaches, kind, rounds, min_time, device)
+        for name, seconds in times.items():
+            record["approaches"][name][f"{kind}_s"] = seconds
+            ref_s = times[case.reference]
+            record["approaches"][name][f"{kind}_ratio"] = seconds / ref_s
+    record.update(case.notes)
+    return record
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def masked_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Seed 2's masked inputs: the masked shared conv against the two naive paths."""
+    import torch.nn.functional as F
+
+    from .masked import masked_shared_conv1d, naive_masked_shared_conv1d
+
+    shapes = [dict(B=4, L=256, T=512, D=64, F=32, k=5)]
+    if quick:
+        shapes = [dict(B=2, L=128, T=128, D=64, F=32, k=5)]
+    else:
+        shapes += [
+            dict(B=4, L=256, T=512, D=16, F=32, k=5),
+            dict(B=4, L=256, T=512, D=128, F=32, k=5),
+        ]
+    cases = []
+    for shape in shapes:
+        B, L, T, D, F_, k = (shape[n] for n in ("B", "L", "T", "D", "F", "k"))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(B, D, L, generator=g).to(device, dtype).requires_grad_()
+        mask = (torch.rand(B, T, L, generator=g) < 0.2).to(device, dtype)
+        w = (torch.randn(F_, D, k, generator=g) / (D * k) ** 0.5).to(device, dtype)
+        w.requires_grad_()
+        b = torch.zeros(F_, device=device, dtype=dtype, requires_grad=True)
+        pad = k // 2
+
+        def masked(x, mask, w, b, pad=pad):
+            return masked_shared_conv1d(x, mask, w, b, padding=pad)
+
+        def naive_layer(x, mask, w, b, pad=pad):
+            return naive_masked_shared_conv1d(x, mask, w, b, padding=pad)
+
+        def naive_repeat(x, mask, w, b, T=T, pad=pad):
+            z = (x[:, None] * mask[:, :, None]).flatten(1, 2)
+            return F.conv1d(z, w.repeat(T, 1, 1), b.repeat(T), padding=pad, groups=T)
+
+        approaches = [
+            Approach(name, fn, (x, mask, w, b), (w, b))
+            for name, fn in (
+                ("masked_shared", masked),
+                ("naive_layer", naive_layer),
+                ("naive_repeat", naive_repeat),
+            )
+        ]
+        cases.append(Case("masked", shape, approaches, reference="masked_shared"))
+    return cases
+
+
+#: The loop is not timed above this many groups: its backward gives each of the G slices
+#: a zero-filled gradient the size of the whole input before adding them up, G times the
+#: input's bytes of memory traffic (275 GB at G = 4096, D = 64 in the groups suite).
+LOOP_MAX_GROUPS = 512
+
+
+def _conv_inputs(
+    B: int, G: int, D: int, L: int, F_: int, k: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ``(B, G * D, L)``, bank ``(F, D, k)`` and bias, all requiring gradients.
+
+    Seeded, with ``nn.Conv1d``'s initialisation range for the bank and the bias.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, G * D, L, generator=g).to(device, dtype).requires_grad_()
+    bound = 1 / (D * k) ** 0.5
+    w = ((torch.rand(F_, D, k, generator=g) * 2 - 1) * bound).to(device, dtype)
+    b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
+    return x, w.requires_grad_(), b.requires_grad_()
+
+
+#: The approaches that are the tuner's own strategies, besides the layer (the fold).
+OWN = ("only_grouped", "only_unfold")
+
+#: The other ways people compute it (:mod:`sharedconv.baselines`), fold excluded.
+OTHERS = ("loop", "lift", "grouped_expand", "grouped_repeat", "vmap")
+
+
+def _only(strategy: str, groups: int, padding: int) -> Callable[..., torch.Tensor]:
+    """The layer inside autotuning, with every part forced to one of the tuner's strategies.
+
+    The same call as the ``tuned`` approach (argument checks, key, dispatch), so that the two
+    differ only in the strategies they run.
+    """
+    from . import tuning
+    from .functional import shared_conv
+
+    choice = tuning.Choice(strategy, strategy, strategy)
+
+    def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with tuning._force(choice):
+            return shared_conv(x, w, b, groups=groups, padding=padding)
+
+    return run
+
+
+def _shared_cases(
+    suite: str, shapes: list[dict[str, int]], device: torch.device, dtype: torch.dtype
+) -> list[Case]:
+    """The layer, the tuned layer and the tuner's strategies against every baseline of
+    :mod:`sharedconv.baselines`, at each shape."""
+    from . import baselines, tuning
+    from .functional import shared_conv
+
+    cases = []
+    for shape in shapes:
+        B, G, D, L, F_, k = (shape[n] for n in ("B", "G", "D", "L", "F", "k"))
+        x, w, b = _conv_inputs(B, G, D, L, F_, k, device, dtype)
+        options = dict(groups=G, padding=k // 2)
+
+        def layer(x, w, b, options=options):
+            return shared_conv(x, w, b, **options)
+
+        def tuned(x, w, b, options=options):
+            with tuning.autotune():
+                return shared_conv(x, w, b, **options)
+
+        approaches = [Approach("layer", layer, (x, w, b), (w, b)),
+                      Approach("tuned", tuned, (x, w, b), (w, b), tuned=True)]
+        o = tuning._Options(G, (1,), (k // 2,), (1,))
+        for strategy in tuning._candidates(x, w, o)[1:]:
+            approaches.append(Approach(f"only_{strategy}", _only(strategy, G, k // 2),
+                                       (x, w, b), (w, b)))
+        for name, fn in baselines.BASELINES.items():
+            if name == "loop" and G > LOOP_MAX_GROUPS:
+                continue  # see LOOP_MAX_GROUPS
+            approaches.append(
+                Approach(name, lambda x, w, b, fn=fn, o=options: fn(x, w, b, **o), (x, w, b),
+                         (w, b))
+            )
+        cases.append(Case(suite, shape, approaches, reference="layer"))
+    return cases
+
+
+def streams_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Seed 1: N single-channel streams, one bank of F filters (D = 1, G = C)."""
+    if quick:
+        return _shared_cases("streams", [dict(B=8, G=16, D=1, L=512, F=16, k=5)], device, dtype)
+    length = {4: 2048, 16: 1024, 64: 512, 256: 256}  # about the same work per shape
+    shapes = [
+        dict(B=8, G=C, D=1, L=length[C], F=F_, k=k)
+        for C in (4, 16, 64, 256)
+        for F_ in (8, 64)
+        for k in (3, 7)
+    ]
+    return _shared_cases("streams", shapes, device, dtype)
+
+
+def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Seed 2: G groups of D channels sharing one bank of F filters."""
+    if quick:
+        return _shared_cases("groups", [dict(B=2, G=512, D=8, L=64, F=16, k=5)], device, dtype)
+    shapes = [
+        dict(B=4, G=64, D=8, L=512, F=16, k=5),
+        dict(B=4, G=64, D=64, L=256, F=16, k=5),
+        dict(B=4, G=512, D=8, L=256, F=16, k=5),
+        dict(B=4, G=512, D=64, L=64, F=16, k=5),
+        dict(B=2, G=4096, D=8, L=64, F=16, k=5),
+        dict(B=2, G=4096, D=64, L=32, F=16, k=5),
+    ]
+    return _shared_cases("groups", shapes, device, dtype)
+
+
+SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
+    "streams": streams_cases,
+    "groups": groups_cases,
+    "masked": masked_cases,
+}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sharedconv.bench",
+        description=(
+            "Time, memory and FLOPs of the shared convolution against the other ways of "
+            "computing it. Approaches are timed interleaved and reported as median ratios "
+            "to the suite's reference, measured in the same run."
+        ),
+    )
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+                        help="suite(s) to run (repeatable; default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small shape per suite, few rounds (well under a minute)")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA if present), 'cpu' or 'cuda'")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 is meant for GPUs")
+    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                        help="'tuned' re-runs with glibc's malloc tunables raised (CPU); "
+                        "'default' leaves the environment as it is")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; default: as the process has)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (default 15, quick 3)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds per timed sample (default 0.1, quick 0.05)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default: <device>.json, with -<threads>t, "
+                        "-default-malloc and -quick where they apply, in "
+                        "src/sharedconv/results/ when run from the repository, where the "
+                        "book reads stored runs, else in the current folder)")
+    return parser.parse_args(argv)
+
+
+def _maybe_reexec(args: argparse.Namespace, argv: list[str]) -> None:
+    """Re-run this process with glibc's tunables set, unless a choice was already made."""
+    if args.allocator != "tuned" or sys.platform != "linux":
+        return
+    if "LD_PRELOAD" in os.environ or any(k in os.environ for k in TUNED_ENV):
+        return
+    env = {**os.environ, **TUNED_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", "sharedconv.bench", *argv], env)
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    lines = []
+    for rec in records:
+        shape = " ".join(f"{k}={v}" for k, v in rec["shape"].items())
+        lines.append(f"\n[{rec['suite']}] {shape}   (ratios to {rec['reference']})")
+        lines.append(f"  {'approach':20s} {'fwd ms':>9s} {'ratio':>7s} {'fwd+bwd ms':>11s} "
+                     f"{'ratio':>7s} {'saved MiB':>10s} {'GFLOP':>8s}")
+        for name, a in rec["approaches"].items():
+            fb = a.get("forward_backward_s")
+            both = (f"{fb * 1e3:11.2f} {a['forward_backward_ratio']:7.2f}" if fb is not None
+                    else f"{'-':>11s} {'-':>7s}")
+            saved = a.get("saved_bytes")
+            saved_s = f"{saved / 2**20:10.2f}" if saved is not None else f"{'-':>10s}"
+            lines.append(
+                f"  {name:20s} {a['forward_s'] * 1e3:9.2f} {a['forward_ratio']:7.2f} "
+                f"{both} {saved_s} {a['forward_flops'] / 1e9:8.3f}"
+            )
+    return "\n".join(lines)
+
+
+def stored_runs(device_type: str | None = None) -> list[dict[str, Any]]:
+    """The benchmark runs that ship with the package (``sharedconv/results/*.json``).
+
+    Each run is the JSON a full run of this program wrote: ``meta`` (the machine, the
+    allocator, the settings) and ``results``. ``device_type`` (``"cpu"``, ``"cuda"``)
+    keeps the runs of one kind of device. Sorted by file name.
+    """
+    from importlib.resources import files
+
+    folder = files("sharedconv") / "results"
+    runs = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            run = json.loads(entry.read_text())
+            run["file"] = entry.name
+            if device_type is None or run["meta"]["device_type"] == device_type:
+                runs.append(run)
+    return runs
+
+
+def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The package's performance goal, shape by shape, from one run's streams and groups.
+
+    For each pass (``forward``, ``forward_backward``): the default layer against the bare
+    fold (``layer / fold``), the tuned layer against the fastest of its own strategies
+    (the layer, which is the fold, and ``only_*``) and against the fastest other approach
+    (``OTHERS``: loop, lift, grouped with expanded or repeated banks, vmap), medians of
+    the same interleaved rounds; saved bytes of the layer and the tuned layer against the
+    fold's; the tuning cost of the training key in steps of the slowest of the tuner's
+    strategies.
+    """
+    rows = []
+    for rec in records:
+        ap = rec["approaches"]
+        if rec.get("suite") not in ("streams", "groups") or "tuned" not in ap:
+            continue
+        row: dict[str, Any] = {"suite": rec["suite"], "shape": rec["shape"]}
+        own = ["layer", *(n for n in OWN if n in ap)]
+        for kind in ("forward", "forward_backward"):
+            t = {n: a[f"{kind}_s"] for n, a in ap.items()}
+            others = [n for n in OTHERS if n in t]
+            best_other = min(others, key=t.__getitem__)
+            row[kind] = {
+                "layer_vs_fold": t["layer"] / t["fold"],
+                "tuned_vs_own": t["tuned"] / min(t[n] for n in own),
+                "tuned_vs_other": t["tuned"] / t[best_other],
+                "best_other": best_other,
+                "best_own": min(own, key=t.__getitem__),
+            }
+        slowest = max(ap[n]["forward_backward_s"] for n in own)
+        cost = sum(ap["tuned"]["tuning"]["choices"]["forward_backward"]["tuning_s"].values())
+        row["tuning_steps"] = cost / slowest
+        row["tuning_s"] = cost
+        row["saved_equal_fold"] = (ap["layer"]["saved_bytes"] == ap["tuned"]["saved_bytes"]
+                                   == ap["fold"]["saved_bytes"])
+        rows.append(row)
+    return rows
+
+
+#: Bounds of the goal, each a ratio of medians from one run, for the default layer over
+#: the bare fold, the tuned layer over the fastest of its own strategies, and the tuned
+#: layer over the fastest other approach.
+GOAL = {"layer_vs_fold": 1.03, "tuned_vs_own": 1.05, "tuned_vs_other": 1.10}
+
+
+def goal_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`goal_rows` as text: one line per shape, misses of :data:`GOAL` starred."""
+    head = (f"{'shape':34s} {'pass':8s} {'layer/fold':>10s} {'tuned/own':>9s} "
+            f"{'tuned/other':>11s} {'tune steps':>10s}")
+    lines = [head]
+    for row in rows:
+        shape = " ".join(f"{k}={v}" for k, v in row["shape"].items() if k != "B")
+        for kind, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
+            r = row[kind]
+            cells = [f"{r[name]:.2f}{'*' if r[name] > GOAL[name] else ' '}"
+                     for name in ("layer_vs_fold", "tuned_vs_own", "tuned_vs_other")]
+            steps = f"{row['tuning_steps']:.1f}" if kind == "forward_backward" else ""
+            lines.append(f"{shape:34s} {label:8s} {cells[0]:>10s} {cells[1]:>9s} "
+                         f"{cells[2]:>11s} {steps:>10s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    if __name__ == "__main__":
+        _maybe_reexec(args, argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Many short rounds rather than a few long ones: on a shared machine the speed drifts
+    # over seconds, and more interleaved rounds give the median more of the drift to
+    # average out (the chapter "Performance" measures how far two runs of the same
+    # computation then stay apart).
+    rounds = args.rounds or (3 if args.quick else 15)
+    min_time = args.min_time or (0.05 if args.quick else 0.1)
+    suites = args.suite or sorted(SUITES)
+
+    meta = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "dtype": args.dtype,
+        "allocator": describe_allocator() if device.type == "cpu" else "CUDA caching allocator",
+        **machine(device),
+        "quick": args.quick,
+        "rounds": rounds,
+        "min_time_s": min_time,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"device: {meta['device']} | allocator: {meta['allocator'].split(' (')[0]} | "
+          f"dtype: {args.dtype}", flush=True)
+    records = []
+    for suite in suites:
+        cases = SUITES[suite](device, dtype, args.quick)
+        for i, case in enumerate(cases, 1):
+            print(f"[{suite} {i}/{len(cases)}] {case.shape} ...", end=" ", flush=True)
+            start = time.perf_counter()
+            rec = run_case(case, device, rounds, min_time)
+            rec["suite"] = suite
+            rec["run"] = meta  # kept with the record when files are merged
+            records.append(rec)
+            print(f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(_table(records))
+    goal = [row for row in goal_rows(records) if row]
+    if goal:
+        print("\n" + goal_table(goal))
+
+    result = {"meta": meta, "results": records}
+    out = args.out
+    if out is None:
+        name = _slug(meta["device"].split(" (")[0])
+        if device.type == "cpu":
+            name += f"-{meta['threads']}t"
+        if device.type == "cpu" and "default" in meta["allocator"]:
+            name += "-default-malloc"
+        if args.quick:
+            name += "-quick"
+        stored = Path("src") / "sharedconv" / "results"
+        out = (stored if stored.is_dir() else Path()) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # keep the other suites' results of an earlier run
+        try:
+            earlier = json.loads(out.read_text())
+            kept = [r for r in earlier.get("results", []) if r.get("suite") not in suites]
+            result["results"] = kept + records
+        except (ValueError, KeyError):
+            pass
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Layers: ``SharedConv1d``, ``SharedConv2d`` and ``SharedConv3d``.
+
+Each is a drop-in replacement for the ``nn.ConvNd`` with the same arguments, except that
+the ``groups`` filter banks of the grouped convolution are one tensor: every group of
+input channels goes through the same filters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from .functional import (
+    _as_int,
+    _as_tuple,
+    _check_groups,
+    _check_input,
+    _check_padding_mode,
+    _fold_conv,
+    _groups_in,
+    _IntOrTuple,
+    _normalize_padding,
+    _Padding,
+)
+
+__all__ = ["SharedConv1d", "SharedConv2d", "SharedConv3d"]
+
+
+def _layer_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, ...],
+    padding: str | tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int | None,
+    padding_mode: str,
+    who: str,
+) -> Tensor:
+    """A layer's forward: check the input against the layer, then fold and convolve.
+
+    ``groups=None`` (a :meth:`~_SharedConvNd.per_group` layer) reads the number of groups
+    from the input's channels.
+    """
+    if groups is None:
+        groups = _groups_in(input, weight.shape[1], weight.dim() - 2, who)
+    batched = _check_input(input, weight, groups, who)
+    return _fold_conv(input, weight, bias, stride, padding, dilation, groups, padding_mode,
+                      batched)
+
+
+# torch.fx.symbolic_trace records the layer's forward as one call of _layer_conv instead
+# of tracing into checks that read sizes a Proxy does not have.
+torch.fx.wrap("_layer_conv")
+
+
+class _SharedConvNd(nn.Module):
+    """Common base of the shared convolutions; ``_dim`` is set by the subclasses."""
+
+    _dim: int
+    in_channels: int | None
+    out_channels: int | None
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int | None
+    padding_mode: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntOrTuple,
+        stride: _IntOrTuple = 1,
+        padding: _Padding = 0,
+        dilation: _IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        n = self._dim
+        name = type(self).__name__
+        in_channels = _as_int(in_channels, f"{name}: in_channels must be an int")
+        out_channels = _as_int(out_channels, f"{name}: out_channels must be an int")
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value < 1:
+                raise ValueError(f"{name}: {arg} must be positive, got {value}")
+        groups = _check_groups(groups)
+        if in_channels % groups:
+            raise ValueError(
+                f"{name}: in_channels must be divisible by groups, got in_channels="
+                f"{in_channels} and groups={groups}"
+            )
+        if out_channels % groups:
+            raise ValueError(
+                f"{name}: out_channels must be divisible by groups, got out_channels="
+                f"{out_channels} and groups={groups}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _as_tuple(kernel_size, n, "kernel_size", minimum=1)
+        self.stride = _as_tuple(stride, n, "stride", minimum=1)
+        self.padding = _normalize_padding(padding, n, self.stride)
+        self.dilation = _as_tuple(dilation, n, "dilation", minimum=1)
+        self.groups = groups
+        self._in_per_group = in_channels // groups
+        self._out_per_group = out_channels // groups
+        self.padding_mode = _check_padding_mode(padding_mode)
+        factory = {"device": device, "dtype": dtype}
+        shape = (out_channels // groups, in_channels // groups, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels // groups, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @classmethod
+    def per_group(
+        cls,
+        in_per_group: int,
+        out_per_group: int,
+        kernel_size: _IntOrTuple,
+        stride: _IntOrTuple = 1,
+        padding: _Padding = 0,
+        dilation: _IntOrTuple = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """A layer for any number of groups, read from each input: ``G = C_in / D``.
+
+        For inputs whose group count is only known at run time (sets of streams of varying
+        size): the layer holds one bank of ``out_per_group`` filters over ``in_per_group``
+        channels, and an input with ``C_in = G * in_per_group`` channels gives
+        ``G * out_per_group`` output channels. The weight, its initialisation and the
+        errors are those of a layer built with ``groups=G``; an input whose channel count is
+        not a multiple of ``in_per_group`` is refused. ``groups``, ``in_channels`` and
+        ``out_channels`` are ``None``.
+
+        Example::
+
+            >>> conv = SharedConv1d.per_group(1, 16, 5, padding=2)  # one stream -> 16 maps
+            >>> conv(torch.randn(8, 3, 100)).shape                 # 3 streams
+            torch.Size([8, 48, 100])
+            >>> conv(torch.randn(8, 7, 100)).shape                 # 7 streams, same weight
+            torch.Size([8, 112, 100])
+        """
+        layer = cls(in_per_group, out_per_group, kernel_size, stride, padding, dilation, 1,
+                    bias, padding_mode, device, dtype)
+        layer.groups = layer.in_channels = layer.out_channels = None
+        return layer
+
+    @property
+    def in_per_group(self) -> int:
+        """Input channels each group has, :math:`D` (``in_channels // groups``)."""
+        return self._in_per_group
+
+    @property
+    def out_per_group(self) -> int:
+        """Filters in the shared bank, :math:`F` (``out_channels // groups``)."""
+        return self._out_per_group
+
+    def reset_parameters(self) -> None:
+        """Initialise as ``nn.ConvNd`` does, with the same fan-in.
+
+        The fan-in of a grouped convolution is ``in_channels // groups * prod(kernel_size)``,
+        which is also the fan-in of the shared bank, so both layers draw their weights from
+        :math:`U(-1/\\sqrt{\\text{fan\\_in}}, 1/\\sqrt{\\text{fan\\_in}})` and their biases
+        from the same interval.
+        """
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            if fan_in:
+                bound = 1 / math.sqrt(fan_in)
+                init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _layer_conv(input, self.weight, self.bias, self.stride, self.padding,
+                           self.dilation, self.groups, self.padding_mode, type(self).__name__)
+
+    def to_conv(self, groups: int | None = None) -> nn.Module:
+        """The equivalent plain grouped ``nn.ConvNd``, with the shared bank copied ``groups`` times.
+
+        The result holds its own parameters (a snapshot: training it does not keep the
+        copies tied). Use it to export to tools that only know ``nn.ConvNd``, or to check
+        this layer against PyTorch's grouped convolution. ``groups`` is needed for a
+        :meth:`~sharedconv.SharedConv1d.per_group` layer only (otherwise it must be
+        omitted or equal ``self.groups``).
+        """
+        if self.groups is None:
+            if groups is None:
+                raise ValueError(
+                    f"{type(self).__name__}.to_conv: this layer reads groups from its input; "
+                    "pass the number of groups, e.g. to_conv(groups=4)"
+                )
+            groups = _check_groups(groups)
+        elif groups is not None and groups != self.groups:
+            raise ValueError(
+                f"{type(self).__name__}.to_conv: the layer has groups={self.groups}, "
+                f"got groups={groups}"
+            )
+        else:
+            groups = self.groups
+        conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self._dim - 1]
+        conv = conv_cls(
+            groups * self._in_per_group,
+            groups * self._out_per_group,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.repeat(groups, *([1] * (self._dim + 1))))
+            if self.bias is not None:
+                assert conv.bias is not None
+                conv.bias.copy_(self.bias.repeat(groups))
+        return conv
+
+    def extra_repr(self) -> str:
+        if self.groups is None:
+            s = "in_per_group={_in_per_group}, out_per_group={_out_per_group}, "
+            s += "kernel_size={kernel_size}, stride={stride}"
+        else:
+            s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
+        if self.padding != (0,) * self._dim:
+            s += ", padding={padding}"
+        if self.dilation != (1,) * self._dim:
+            s += ", dilation={dilation}"
+        if self.groups is None:
+            s += ", groups=read from the input"
+        elif self.groups != 1:
+            s += ", groups={groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += ", padding_mode={padding_mode}"
+        s += ", shared_weight={shared}"
+        return s.format(shared=tuple(self.weight.shape), **self.__dict__)
+
+
+_DOC_ARGS = r"""
+    Args:
+        in_channels (int): channels of the input, :math:`G \cdot D`.
+        out_channels (int): channels of the output, :math:`G \cdot F`.
+        kernel_size (int or tuple): size of each shared filter.
+        stride (int or tuple, optional): stride of the convolution. Default: 1.
+        padding (int, tuple or str, optional): padding added to all sides of the input,
+            or ``'valid'`` (none) or ``'same'`` (output as long as the input, stride 1
+            only). Default: 0.
+        dilation (int or tuple, optional): spacing between kernel elements. Default: 1.
+        groups (int, optional): :math:`G`, the number of channel groups; all of them share
+            one bank of filters. Default: 1 (then the layer equals ``nn.Conv{n}d``).
+        bias (bool, optional): if ``True``, adds a learnable bias of shape :math:`(F,)`,
+            shared by the groups. Default: ``True``.
+        padding_mode (str, optional): ``'zeros'``, ``'reflect'``, ``'replicate'`` or
+            ``'circular'``. Default: ``'zeros'``.
+        device, dtype: where and in which floating-point type to create the parameters.
+
+    Attributes:
+        weight (Tensor): the shared bank, of shape
+            :math:`(F, D, {kernel})` with :math:`F` = ``out_channels // groups`` and
+            :math:`D` = ``in_channels // groups``, initialised from
+            :math:`U(-\sqrt{{k}}, \sqrt{{k}})` with
+            :math:`k = 1 / (D \cdot \prod \text{{kernel\_size}})`, as ``nn.Conv{n}d``.
+        bias (Tensor): the shared bias, of shape :math:`(F,)`, initialised likewise.
+"""
+
+
+class SharedConv1d(_SharedConvNd):
+    __doc__ = (
+        r"""1-d convolution whose ``groups`` filter banks are one shared tensor.
+
+    Computes what ``nn.Conv1d(in_channels, out_channels, kernel_size, ..., groups=G)``
+    computes when its ``G`` banks of ``F = out_channels // G`` filters are all equal, but
+    stores that bank once and trains it once: its gradient is the sum of what every group
+    contributes. Implemented with one ``F.conv1d`` call on a view that folds the groups
+    into the batch, on every device; inside :func:`sharedconv.autotune`, an eager call may
+    run another strategy measured faster on this machine for its shape.
+
+    Two common uses:
+
+    * *N streams, one filter bank*: ``SharedConv1d(N, N * F, k, groups=N)`` applies the
+      same ``F`` filters to each of ``N`` single-channel streams and keeps ``F`` output
+      channels per stream.
+    * *groups sharing one bank*: ``SharedConv1d(T * D, T * F, k, groups=T)`` is the
+      grouped convolution over ``T`` groups of ``D`` channels with a single
+      ``(F, D, k)`` bank, however large ``T`` is.
+"""
+        + _DOC_ARGS.format(n=1, kernel=r"\text{kernel\_size}")
+        + r"""
+    Shape:
+        - Input: :math:`(N, C_{in}, L_{in})` or :math:`(C_{in}, L_{in})`
+        - Output: :math:`(N, C_{out}, L_{out})` or :math:`(C_{out}, L_{out})`, with
+
+          .. math::
+              L_{out} = \left\lfloor \frac{L_{in} + 2 \cdot \text{padding}
+                  - \text{dilation} \cdot (\text{kernel\_size} - 1) - 1}{\text{stride}}
+                  + 1 \right\rfloor
+
+          Output channels are group-major: ``output.unflatten(1, (G, F))`` has shape
+          :math:`(N, G, F, L_{out})`.
+
+    Examples::
+
+        >>> streams = torch.randn(32, 6, 128)         # 6 streams per sample
+        >>> conv = SharedConv1d(6, 6 * 16, 5, groups=6, padding="same")
+        >>> conv.weight.shape                         # one bank of 16 filters
+        torch.Size([16, 1, 5])
+        >>> conv(streams).unflatten(1, (6, 16)).shape
+        torch.Size([32, 6, 16, 128])
+"""
+    )
+    _dim = 1
+
+
+class SharedConv2d(_SharedConvNd):
+    __doc__ = (
+        r"""2-d convolution whose ``groups`` filter banks are one shared tensor.
+
+    Computes what ``nn.Conv2d(in_channels, out_channels, kernel_size, ..., groups=G)``
+    computes when its ``G`` banks are all equal, with one ``(F, D, kH, kW)`` bank stored
+    and trained once, and one ``F.conv2d`` call on a view that folds the groups into the
+    batch. For example, ``SharedConv2d(3 * N, 8 * N, 3, groups=N)`` applies the same
+    8 filters to each of ``N`` RGB images stacked along the channels.
+"""
+        + _DOC_ARGS.format(n=2, kernel=r"k_H, k_W")
+        + r"""
+    Shape:
+        - Input: :math:`(N, C_{in}, H_{in}, W_{in})` or :math:`(C_{in}, H_{in}, W_{in})`
+        - Output: :math:`(N, C_{out}, H_{out}, W_{out})` or
+          :math:`(C_{out}, H_{out}, W_{out})`, each spatial size given by the formula of
+          ``nn.Conv2d``. Output channels are group-major.
+
+    Examples::
+
+        >>> images = torch.randn(4, 3 * 5, 32, 32)    # 5 RGB images per sample
+        >>> conv = SharedConv2d(15, 40, 3, groups=5, padding=1)
+        >>> conv.weight.shape
+        torch.Size([8, 3, 3, 3])
+        >>> conv(images).shape
+        torch.Size([4, 40, 32, 32])
+"""
+    )
+    _dim = 2
+
+
+class SharedConv3d(_SharedConvNd):
+    __doc__ = (
+        r"""3-d convolution whose ``groups`` filter banks are one shared tensor.
+
+    Computes what ``nn.Conv3d(in_channels, out_channels, kernel_size, ..., groups=G)``
+    computes when its ``G`` banks are all equal, with one ``(F, D, kD, kH, kW)`` bank and
+    one ``F.conv3d`` call on a view that folds the groups into the batch.
+"""
+        + _DOC_ARGS.format(n=3, kernel=r"k_D, k_H, k_W")
+        + r"""
+    Shape:
+        - Input: :math:`(N, C_{in}, D_{in}, H_{in}, W_{in})` or
+          :math:`(C_{in}, D_{in}, H_{in}, W_{in})`
+        - Output: :math:`(N, C_{out}, D_{out}, H_{out}, W_{out})` or
+          :math:`(C_{out}, D_{out}, H_{out}, W_{out})`, each spatial size given by the
+          formula of ``nn.Conv3d``. Output channels are group-major.
+
+    Examples::
+
+        >>> volumes = torch.randn(2, 4, 8, 16, 16)    # 4 single-channel volumes
+        >>> conv = SharedConv3d(4, 4 * 6, 3, groups=4)
+        >>> conv(volumes).shape
+        torch.Size([2, 24, 6, 14, 14])
+"""
+    )
+    _dim = 3
