@@ -230,8 +230,9 @@ def test_the_fold_runs_under_transforms_and_modes(where):
             out = torch.func.jvp(layer, (x,), (torch.ones_like(x),))[0]
         elif where == "jit_trace":
             # (check_trace would also run the layer eagerly, where tuning may time)
-            with warnings.catch_warnings():  # torch.jit.trace is deprecated in torch
+            with warnings.catch_warnings():  # deprecated, and it specialises the checks
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 out = torch.jit.trace(layer, (x,), check_trace=False)(x)
         elif where == "autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
