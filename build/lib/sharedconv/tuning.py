@@ -118,16 +118,16 @@ def is_enabled() -> bool:
 
 def _applies(x: Tensor, weight: Tensor, groups: int) -> bool:
     """Whether an eager call may leave the fold: nothing is tracing, transforming or casting."""
-    if type(x) is not Tensor or not isinstance(weight, Tensor) or x.numel() == 0:
-        return False
-    if x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
-        return False
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch._C._are_functorch_transforms_active()
         or torch.autograd.forward_ad._current_level >= 0
     ):
+        return False
+    if type(x) is not Tensor or not isinstance(weight, Tensor) or x.numel() == 0:
+        return False
+    if x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
         return False
     return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
