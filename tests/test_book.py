@@ -213,9 +213,15 @@ def installed_package(tmp_path_factory) -> Path:
     with exactly the files the wheel ships (the stored benchmark runs included), instead
     of the repository's ``src``.
     """
+    # build from a copy of the sources, so that setuptools' build folder stays out of the tree
+    tree = tmp_path_factory.mktemp("source")
+    shutil.copytree(ROOT / "src", tree / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
     wheels = tmp_path_factory.mktemp("wheels")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+                    "--no-build-isolation", "-w", str(wheels), str(tree)],
                    check=True, capture_output=True)
     (wheel,) = wheels.glob("sharedconv-*.whl")
     site = tmp_path_factory.mktemp("site-packages")
