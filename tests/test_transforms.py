@@ -185,7 +185,8 @@ def test_numpy_integer_sizes(dim):
 
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("where", ["input", "weight"])
-def test_channels_last_output_as_nn_conv_gives_it(dim, where):
+@pytest.mark.parametrize("tuned", [False, True])
+def test_channels_last_output_as_nn_conv_gives_it(dim, where, tuned, monkeypatch):
     """float32, where nn.ConvNd runs oneDNN (as cuDNN does on a GPU): a channels_last
     operand gives a channels_last output. (ATen's slow float64 3-d kernel returns a
     contiguous one; the layer keeps the oneDNN/cuDNN behaviour in every dtype.)"""
@@ -198,8 +199,18 @@ def test_channels_last_output_as_nn_conv_gives_it(dim, where):
     else:
         layer = layer.to(memory_format=fmt)
         conv = conv.to(memory_format=fmt)
-    y, y_ref = layer(x), conv(x)
+    # tuned: the grouped strategy (a fake timer, nothing timed), the same output format
+    monkeypatch.setattr(sharedconv.tuning, "timer",
+                        lambda c, device, part: {n: float(n != "grouped") for n in c})
+    sharedconv.tuning.clear_cache()
+    with sharedconv.autotune(tuned):
+        y = layer(x)
+    y_ref = conv(x)
     torch.testing.assert_close(y, y_ref)
+    if tuned:
+        (choice,) = sharedconv.tuning.cache().values()
+        assert choice.forward == "grouped"
+    sharedconv.tuning.clear_cache()
     assert y_ref.is_contiguous(memory_format=fmt) and not y_ref.is_contiguous()
     assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
     x_plain = _input(dim).float()

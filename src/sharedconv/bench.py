@@ -570,7 +570,6 @@ def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         slowest = max(ap[n]["forward_backward_s"] for n in own)
         cost = sum(ap["tuned"]["tuning"]["choices"]["forward_backward"]["tuning_s"].values())
         row["tuning_steps"] = cost / slowest
-        row["tuning_s"] = cost
         row["saved_equal_fold"] = (ap["layer"]["saved_bytes"] == ap["tuned"]["saved_bytes"]
                                    == ap["fold"]["saved_bytes"])
         rows.append(row)
@@ -645,7 +644,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             records.append(rec)
             print(f"{time.perf_counter() - start:.1f} s", flush=True)
     print(_table(records))
-    goal = [row for row in goal_rows(records) if row]
+    goal = goal_rows(records)
     if goal:
         print("\n" + goal_table(goal))
 

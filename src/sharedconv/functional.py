@@ -43,7 +43,7 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def _as_int(value: object, what: str) -> int:
     """``value`` as a Python int: ints and integer scalars such as ``numpy.int64``, not bools."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool):  # numpy's bools have no __index__ and fail below
         raise TypeError(f"{what}, got a bool ({value})")
     try:
         return operator.index(value)  # type: ignore[arg-type]  # any __index__ will do
@@ -237,19 +237,18 @@ def _fold_conv(
             mode = "constant" if padding_mode == "zeros" else padding_mode
             x = F.pad(x, pads, mode=mode)
         padding = (0,) * n
+    out_format = _output_format(x, weight)
     if tuning._ENABLED and tuning._applies(x, weight, groups):
         sym = _explicit_padding(padding, weight.shape[2:], dilation)[::2][::-1]  # symmetric
         out = tuning._conv(x, weight, bias, stride, sym, dilation, groups)
-        return out if batched else out.squeeze(0)
-    batch, spatial = x.shape[0], x.shape[2:]
-    f_out, d = weight.shape[0], weight.shape[1]
-    out_format = _output_format(x, weight)
-    # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise
-    # (channels_last memory keeps the channels innermost, not next to the batch).
-    folded = x.reshape(batch * groups, d, *spatial)
-    out = _CONV[n](folded, weight, bias, stride, padding, dilation)
-    # (B*G, F, *S_out) -> (B, G*F, *S_out): a view of a contiguous output.
-    out = out.reshape(batch, groups * f_out, *out.shape[2:])
+    else:
+        batch, spatial = x.shape[0], x.shape[2:]
+        # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise
+        # (channels_last memory keeps the channels innermost, not next to the batch).
+        folded = x.reshape(batch * groups, weight.shape[1], *spatial)
+        out = _CONV[n](folded, weight, bias, stride, padding, dilation)
+        # (B*G, F, *S_out) -> (B, G*F, *S_out): a view of a contiguous output.
+        out = out.reshape(batch, groups * weight.shape[0], *out.shape[2:])
     if out_format is not None:  # as nn.ConvNd returns for channels_last operands
         out = out.contiguous(memory_format=out_format)
     return out if batched else out.squeeze(0)
