@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
+from html import unescape as html_unescape
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,28 @@ NOTEBOOKS = [p for p in map(_resolve, _toc_files()) if p is not None and p.suffi
 def _source(cell: dict) -> str:
     src = cell.get("source", "")
     return "".join(src) if isinstance(src, list) else src
+
+
+#: the width of the page's content column at 100 % in a 1280 px window (sphinx-book-theme)
+PAGE_PX = 676
+#: words that speak of how the book was made, not to its reader (outside code spans)
+INTERNAL_WORDS = (r"\bissues?\b", r"\bgoals?\b", r"left for later", r"\bthis run\b",
+                  r"\bin this session\b", r"\bnow run\b")
+
+
+def png_width(data: str | list[str]) -> int:
+    """Pixel width of a base64 PNG as stored in a notebook (from its IHDR chunk)."""
+    raw = base64.b64decode("".join(data) if isinstance(data, list) else data)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return int.from_bytes(raw[16:20], "big")
+
+
+def _output_text(out: dict) -> str:
+    if out["output_type"] == "stream":
+        text = out.get("text", "")
+    else:
+        text = out.get("data", {}).get("text/plain", "")
+    return "".join(text) if isinstance(text, list) else text
 
 
 def hygiene_problems(nb: dict) -> list[str]:
@@ -85,6 +110,43 @@ def hygiene_problems(nb: dict) -> list[str]:
         if long:
             problems.append(f"cell {head!r} has {len(long)} line(s) over 88 characters: "
                             f"{long[0][:60]!r}...")
+    # figures: numbered and captioned (myst-nb's figure metadata), no wider than the page
+    for cell in code:
+        head = _source(cell).strip().splitlines()[0][:60]
+        images = [o["data"]["image/png"] for o in cell.get("outputs", [])
+                  if "image/png" in o.get("data", {})]
+        if not images:
+            continue
+        figure = cell.get("metadata", {}).get("mystnb", {}).get("figure", {})
+        if not str(figure.get("caption", "")).strip() or not figure.get("name"):
+            problems.append(f"figure cell {head!r} has no caption or name (mystnb.figure)")
+        for png in images:
+            width = png_width(png)
+            if width > PAGE_PX:
+                problems.append(f"figure cell {head!r} is {width} px wide, the page shows "
+                                f"{PAGE_PX}: its text would shrink")
+    # what the reader sees: headings without TeX (the navigation shows it raw), equation
+    # labels never printed or written in code (the page shows numbers), no word about how
+    # the book was made
+    labels = set(re.findall(r"\$\$[ \t]*\(([\w-]+)\)", "".join(
+        _source(c) for c in nb["cells"] if c["cell_type"] == "markdown")))
+    for cell in nb["cells"]:
+        text = _source(cell)
+        head = text.strip().splitlines()[0][:60] if text.strip() else ""
+        if cell["cell_type"] == "markdown":
+            for line in text.splitlines():
+                if line.startswith("#") and "$" in line:
+                    problems.append(f"heading {line!r} holds TeX")
+            prose = re.sub(r"\]\([^)]*\)", "]", re.sub(r"`[^`]*`", "", text))  # no code, URLs
+            for word in INTERNAL_WORDS:
+                if re.search(word, prose, flags=re.IGNORECASE):
+                    problems.append(f"markdown {head!r} speaks of how the book was made: "
+                                    f"{word!r}")
+        elif cell["cell_type"] == "code":
+            shown = text + "".join(_output_text(o) for o in cell.get("outputs", []))
+            for label in labels:
+                if re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", shown):
+                    problems.append(f"cell {head!r} shows the equation label {label!r}")
     # exercise solutions: hidden, input and output, until the reader opens them
     after_exercises = False
     for cell in nb["cells"]:
@@ -192,6 +254,33 @@ def test_hygiene_check_catches_a_notebook_saved_without_outputs():
     assert any("not tagged hide-cell" in p for p in hygiene_problems(shown))
 
 
+def test_hygiene_check_catches_what_the_reader_should_not_see():
+    nb = json.loads(NOTEBOOKS[1].read_text())  # a chapter with figures and equations
+    assert any("image/png" in o.get("data", {}) for c in nb["cells"]
+               for o in c.get("outputs", []))
+    assert not hygiene_problems(nb)
+    bad = copy.deepcopy(nb)
+    figure = next(c for c in bad["cells"] if any(
+        "image/png" in o.get("data", {}) for o in c.get("outputs", [])))
+    figure["metadata"].pop("mystnb", None)
+    wide_png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(8) + (2000).to_bytes(4, "big")
+                                + bytes(8)).decode()
+    figure["outputs"].append({"output_type": "display_data", "metadata": {},
+                              "data": {"image/png": wide_png, "text/plain": "<Figure>"}})
+    markdown = next(c for c in bad["cells"] if c["cell_type"] == "markdown")
+    markdown["source"] = "## One bank for $N$ streams\n\nAs the issue asked, this run shows it."
+    label = re.search(r"\$\$[ \t]*\(([\w-]+)\)", "".join(
+        _source(c) for c in nb["cells"] if c["cell_type"] == "markdown")).group(1)
+    code = [c for c in bad["cells"] if c["cell_type"] == "code"][2]
+    code["source"] = _source(code) + f"\n# as in ({label})"
+    problems = "\n".join(hygiene_problems(bad))
+    assert "has no caption or name" in problems
+    assert "2000 px wide" in problems
+    assert "holds TeX" in problems
+    assert "bissues" in problems and "this run" in problems
+    assert f"shows the equation label {label!r}" in problems
+
+
 def _nbval(path: Path, workdir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """nbval (strict: every stored output compared) on one notebook, in ``workdir``."""
     config = workdir.parent / f"{workdir.name}-pytest.ini"  # outside the notebook's folder
@@ -285,3 +374,33 @@ def test_book_builds_without_warnings(tmp_path):
     api = (html / "book" / "api.html").read_text()
     for name in ("SharedConv1d", "SharedConv2d", "SharedConv3d", "shared_conv", "to_conv"):
         assert name in api, f"autodoc did not render {name}"
+    # MathJax shows "\_" inside \text{} literally: names in formulas go in \mathrm{}
+    assert not re.search(r"\\text\{[^}]*\\_", api)
+    dead = dead_links(html)
+    assert not dead, dead[:10]
+    for page in html.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        title = re.search(r"<title>(.*?)</title>", text, flags=re.S).group(1)
+        assert "\\(" not in title and "$" not in title, (page, title)
+        for nav in re.findall(r"<nav\b.*?</nav>", text, flags=re.S):
+            assert "\\(" not in nav, (page, nav[:200])  # raw TeX in the navigation
+    # the code column holds the notebooks' 88 characters (see _static/custom.css)
+    assert "custom.css" in (html / "book" / "01_quick_tour.html").read_text()
+
+
+def dead_links(html: Path) -> list[str]:
+    """Links inside the built book whose page or anchor does not exist."""
+    ids: dict[Path, set[str]] = {}
+    dead = []
+    for page in html.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        for target, anchor in re.findall(r'href="([^"#:?]*\.html)?#([^"]+)"', text):
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
+                dead.append(f"{page.relative_to(html)} -> {target}")
+                continue
+            if path not in ids:
+                ids[path] = set(re.findall(r'\bid="([^"]+)"', path.read_text(encoding="utf-8")))
+            if html_unescape(anchor) not in ids[path]:
+                dead.append(f"{page.relative_to(html)} -> {target}#{anchor}")
+    return dead

@@ -54,7 +54,7 @@ class Approach:
     inputs: tuple
     params: tuple = ()
     grad_out: torch.Tensor | None = None
-    #: the approach autotunes (:func:`sharedconv.autotune`): its tuning is timed first
+    #: the approach autotunes (:func:`~sharedconv.tuning.autotune`): its tuning is timed first
     tuned: bool = False
 
 

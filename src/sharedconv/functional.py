@@ -272,8 +272,8 @@ def shared_conv(
     shared bank, and the output is viewed back. Autograd keeps what that convolution
     keeps, the input and the one bank, and the bank's gradient is the sum over the groups.
     The dimension (1-d, 2-d or 3-d) is taken from ``weight``. Inside
-    :func:`sharedconv.autotune`, an eager call may run another strategy that was measured
-    faster for its shape on this machine (same result, same saved tensors).
+    :func:`~sharedconv.tuning.autotune`, an eager call may run another strategy that was
+    measured faster for its shape on this machine (same result, same saved tensors).
 
     Args:
         input: Tensor of shape :math:`(N, G \cdot D, *S)` or, unbatched, :math:`(G \cdot D, *S)`.

@@ -10,12 +10,13 @@ Because the mask is one scalar per position, it comes out of the sum over channe
 
 .. math::
 
-    y_{b,t,f,l} = c_f + \sum_{j<k} m_{b,t,p} \sum_{d<D} w_{f,d,j}\, x_{b,d,p},
-    \qquad p = l s + j \delta - \text{padding},
+    y_{b,t,f,l} = \beta_f + \sum_{j<k} m_{b,t,q} \sum_{d<D} w_{f,d,j}\, x_{b,d,q},
+    \qquad q = l s + j r - \text{padding},
 
-so it is enough to apply each kernel tap to ``x`` once (``F * k`` channels,
-:math:`u_{b,f,j,p} = \sum_d w_{f,d,j} x_{b,d,p}`), and to combine those responses with the
-shifted masks: for every batch element and output position, a ``(T, k) @ (k, F)`` matrix
+with stride :math:`s` and dilation :math:`r`, so it is enough to apply each kernel tap to
+``x`` once (``F * k`` channels, :math:`h_{b,f,j,q} = \sum_d w_{f,d,j} x_{b,d,q}`, the tap
+responses), and to combine those responses with the shifted masks: for every batch element
+and output position, a ``(T, k) @ (k, F)`` matrix
 product. That is about ``D`` times fewer FLOPs, and nothing of size ``B * T * D * L`` is
 ever allocated. The backward pass recomputes the tap responses and mask windows from the
 inputs instead of saving them, so autograd keeps only ``x``, the mask and the weight.
@@ -230,7 +231,7 @@ def naive_masked_shared_conv1d(
     padding: int | str = 0,
     dilation: int = 1,
 ) -> Tensor:
-    """The literal computation :func:`~sharedconv.masked_shared_conv1d` replaces (the reference).
+    """The literal computation that :func:`~sharedconv.masked.masked_shared_conv1d` replaces.
 
     Builds the masked tensor ``(B, T, D, L)``, lays it out as ``(B, T * D, L)`` and runs the
     shared convolution with ``groups=T``. Same arguments, same result.

@@ -177,7 +177,7 @@ class _SharedConvNd(nn.Module):
 
         The fan-in of a grouped convolution is ``in_channels // groups * prod(kernel_size)``,
         which is also the fan-in of the shared bank, so both layers draw their weights from
-        :math:`U(-1/\\sqrt{\\text{fan\\_in}}, 1/\\sqrt{\\text{fan\\_in}})` and their biases
+        :math:`U(-1/\\sqrt{\\mathrm{fan\\_in}}, 1/\\sqrt{\\mathrm{fan\\_in}})` and their biases
         from the same interval.
         """
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -273,14 +273,17 @@ _DOC_ARGS = r"""
             shared by the groups. Default: ``True``.
         padding_mode (str, optional): ``'zeros'``, ``'reflect'``, ``'replicate'`` or
             ``'circular'``. Default: ``'zeros'``.
-        device, dtype: where and in which floating-point type to create the parameters.
+        device (torch.device, optional): where to create the parameters. Default: the
+            current default device.
+        dtype (torch.dtype, optional): the floating-point type of the parameters.
+            Default: ``torch.get_default_dtype()``.
 
     Attributes:
         weight (Tensor): the shared bank, of shape
             :math:`(F, D, {kernel})` with :math:`F` = ``out_channels // groups`` and
             :math:`D` = ``in_channels // groups``, initialised from
             :math:`U(-\sqrt{{k}}, \sqrt{{k}})` with
-            :math:`k = 1 / (D \cdot \prod \text{{kernel\_size}})`, as ``nn.Conv{n}d``.
+            :math:`k = 1 / (D \cdot \prod \mathrm{{kernel\_size}})`, as ``nn.Conv{n}d``.
         bias (Tensor): the shared bias, of shape :math:`(F,)`, initialised likewise.
 """
 
@@ -293,7 +296,7 @@ class SharedConv1d(_SharedConvNd):
     computes when its ``G`` banks of ``F = out_channels // G`` filters are all equal, but
     stores that bank once and trains it once: its gradient is the sum of what every group
     contributes. Implemented with one ``F.conv1d`` call on a view that folds the groups
-    into the batch, on every device; inside :func:`sharedconv.autotune`, an eager call may
+    into the batch, on every device; inside :func:`~sharedconv.tuning.autotune`, an eager call may
     run another strategy measured faster on this machine for its shape.
 
     Two common uses:
@@ -305,7 +308,7 @@ class SharedConv1d(_SharedConvNd):
       grouped convolution over ``T`` groups of ``D`` channels with a single
       ``(F, D, k)`` bank, however large ``T`` is.
 """
-        + _DOC_ARGS.format(n=1, kernel=r"\text{kernel\_size}")
+        + _DOC_ARGS.format(n=1, kernel=r"\mathrm{kernel\_size}")
         + r"""
     Shape:
         - Input: :math:`(N, C_{in}, L_{in})` or :math:`(C_{in}, L_{in})`
@@ -313,7 +316,7 @@ class SharedConv1d(_SharedConvNd):
 
           .. math::
               L_{out} = \left\lfloor \frac{L_{in} + 2 \cdot \text{padding}
-                  - \text{dilation} \cdot (\text{kernel\_size} - 1) - 1}{\text{stride}}
+                  - \text{dilation} \cdot (\mathrm{kernel\_size} - 1) - 1}{\text{stride}}
                   + 1 \right\rfloor
 
           Output channels are group-major: ``output.unflatten(1, (G, F))`` has shape

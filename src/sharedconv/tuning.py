@@ -4,7 +4,8 @@ By default a shared convolution is the fold (``sharedconv.functional``): one ord
 convolution on a view that puts the groups into the batch. Which *kernel* is fastest for a
 given shape depends on the machine (its instruction set, caches, thread count, GPU) and
 on the shape itself, so no fixed rule is right everywhere. Like
-``torch.backends.cudnn.benchmark``, :func:`sharedconv.autotune` measures instead of guessing:
+``torch.backends.cudnn.benchmark``, :func:`~sharedconv.tuning.autotune` measures instead
+of guessing:
 
 .. code-block:: python
 
