@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -90,6 +91,70 @@ def test_the_issue_examples_with_default_arguments():
     dw = draw_layer(nn.Conv2d(3, 3, 3, groups=3))
     assert (dw.kernel_glyphs, dw.distinct_kernels) == (3, 3)
     assert dw.weight_shape == (3, 1, 3, 3)
+
+
+PAGE_WIDTH = 6.7  # inches: the 676 pixels a book page shows, at 100 dpi
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda: draw_layer(nn.Conv2d(3, 4, 3)),
+        lambda: draw_layer(nn.Conv2d(3, 3, 3, groups=3)),
+        lambda: draw_layer(nn.Conv2d(4, 6, 3, groups=2)),
+        lambda: draw_layer(nn.Conv2d(64, 128, 3)),
+        lambda: draw_layer(sharedconv.SharedConv1d(3, 6, 5, groups=3)),
+        lambda: draw_layer(sharedconv.SharedConv1d(6, 6, 3, groups=3)),
+        lambda: draw_layer(sharedconv.SharedConv2d(3, 12, 3, groups=3)),
+        lambda: draw_layer(sharedconv.SharedConv1d(890_000, 445_000, 3, groups=8900,
+                                                   device="meta")),
+        lambda: draw_scheme("A", in_channels=3, out_channels=2),
+        lambda: draw_scheme("B", in_channels=3, out_channels=2),
+        lambda: draw_scheme("A", in_channels=40, out_channels=30),
+        lambda: draw_scheme("B", in_channels=40, out_channels=30),
+    ],
+    ids=["standard", "depthwise", "grouped", "standard-elided", "shared-per-channel",
+         "shared-bank", "shared-per-channel-2d", "shared-bank-8900", "scheme-A", "scheme-B",
+         "scheme-A-elided", "scheme-B-elided"],
+)
+def test_every_kind_of_diagram_fits_the_page_with_readable_text(draw):
+    """Drawn with its defaults, each diagram is at most 6.7 in wide (it is not scaled down
+    on the page) and every text in it, tile labels included, is at least 9 pt."""
+    info = draw()
+    fig = info.fig
+    assert fig.get_size_inches()[0] <= PAGE_WIDTH
+    texts = [t for t in fig.findobj(Text) if t.get_text().strip()]
+    assert texts and all(t.get_fontsize() >= 9 for t in texts)
+    # saved as a notebook saves it (tight, 0.1 in of padding), it fits 676 pixels
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    assert plt.imread(io.BytesIO(buf.getvalue())).shape[1] <= 676
+    # nothing spills out of the figure, and each tile label fits inside its tile
+    from matplotlib.patches import FancyBboxPatch
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for t in texts:
+        box = (t.get_bbox_patch() or t).get_window_extent(renderer)
+        assert box.x0 >= -1 and box.x1 <= fig.bbox.x1 + 1, t.get_text()
+    tiles = [p.get_window_extent(renderer) for p in info.ax.patches
+             if isinstance(p, FancyBboxPatch)]
+    assert len(tiles) == info.kernel_glyphs
+    for t in texts:
+        label = t.get_window_extent(renderer)
+        holders = [b for b in tiles if b.x0 <= label.x0 + label.width / 2 <= b.x1
+                   and b.y0 <= label.y0 + label.height / 2 <= b.y1]
+        for b in holders:  # the tile this text is the label of
+            assert b.x0 <= label.x0 and label.x1 <= b.x1, t.get_text()
+            assert b.y0 <= label.y0 and label.y1 <= b.y1, t.get_text()
+
+
+def test_show_weights_and_feature_maps_fit_the_page():
+    for info in (show_weights(torch.randn(50, 100, 3)), show_weights(torch.randn(40, 20, 5, 5)),
+                 show_weights(torch.randn(8, 2, 25)),
+                 show_feature_maps(torch.randn(1, 6, 116), groups=3),
+                 show_feature_maps(torch.randn(1, 60, 8, 8), groups=5)):
+        _assert_renders(info.fig, max_width=PAGE_WIDTH)
 
 
 def _connections(layer) -> set[tuple[int, int]]:
@@ -224,7 +289,7 @@ def _tile_colors(info) -> dict[str, tuple]:
     from matplotlib.patches import FancyBboxPatch
 
     patches = [p for p in info.ax.patches if isinstance(p, FancyBboxPatch)]
-    texts = [t for t in info.ax.texts if t.get_text().startswith("k")]
+    texts = [t for t in info.ax.texts if re.fullmatch(r"w\d+", t.get_text())]
     assert len(patches) == len(texts)
     pairs = zip(patches, texts, strict=True)
     return {t.get_text(): tuple(p.get_facecolor()) for p, t in pairs}

@@ -28,6 +28,7 @@ matplotlib is imported only when a function here runs: ``import sharedconv`` and
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -48,10 +49,17 @@ __all__ = [
 ]
 
 # Layout constants of the diagrams: one data unit is _UNIT inches, text is _FONT points.
+# Every text is at least 9 points, and a figure made here is at most _MAX_WIDTH inches
+# wide: a book page shows images up to 676 pixels wide, 6.7 inches at 100 dpi, and a
+# notebook saves a figure with 0.1 inch of padding on each side. A crossbar that would be
+# wider is laid out again with a smaller unit (down to _UNITS[-1]), its texts keeping
+# their size; only a diagram asked to draw many channels (max_channels) can be wider.
 _UNIT = 0.45
+_UNITS = (0.45, 0.42, 0.39, 0.36, 0.33, 0.3)
+_MAX_WIDTH = 6.5
 _FONT = 9
 _TITLE_FONT = 11
-_CHAR = 0.62 * _FONT / 72 / _UNIT  # average width of one character, in data units
+_EM = 0.62  # average width of one character, in ems
 _WIRE = "#b5b5b5"
 _EDGE = "#555555"
 _BOX = "#f3f3f3"
@@ -86,7 +94,7 @@ class DiagramInfo:
         ax: the matplotlib Axes drawn into.
         tiles: for each tile drawn, ``(output channel, input channel)`` mapped to the
             kernel's identity: its index ``(o, i)`` or ``(f, d)`` in ``layer.weight`` (``i``
-            and ``d`` counted inside the group), or ``o`` for the kernel ``k_o`` of a scheme
+            and ``d`` counted inside the group), or ``o`` for the kernel ``w_o`` of a scheme
             (whose input is ``None`` in scheme ``"B"``: the kernel acts on the sum).
     """
 
@@ -241,9 +249,15 @@ def _ink_on(color: Sequence[float]) -> str:
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else _INK
 
 
-def _text_w(text: str, size: float = _FONT) -> float:
-    """Approximate width of a one-line text, in data units."""
-    return len(text) * _CHAR * size / _FONT
+def _text_w(text: str, size: float = _FONT, unit: float = _UNIT) -> float:
+    """Approximate width of a one-line text, in data units of ``unit`` inches."""
+    return len(text) * _EM * size / 72 / unit
+
+
+def _wrap(text: str, inches: float, size: float = _FONT) -> list[str]:
+    """The lines of ``text``, each wrapped to at most ``inches`` at ``size`` points."""
+    chars = max(20, int(inches / (_EM * size / 72)))
+    return [part for line in text.splitlines() for part in textwrap.wrap(line, chars) or [""]]
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -410,26 +424,39 @@ def _finish(
     bottom: float,
     title: str,
     caption: list[str],
-) -> None:
-    """Title above, caption below, limits, and (for our own figure) its size in inches."""
-    width = max(right - left, _text_w(title, _TITLE_FONT) + 0.8,
-                max(_text_w(line) for line in caption) + 0.8)
+    unit: float = _UNIT,
+) -> float:
+    """Title above, caption below, limits, and (for our own figure) its size in inches.
+
+    Title and caption lines are wrapped to fit ``_MAX_WIDTH``; returns the width the
+    diagram needs, in inches.
+    """
+    titles = _wrap(title, _MAX_WIDTH - 0.8 * unit, _TITLE_FONT)
+    caption = [part for line in caption for part in _wrap(line, _MAX_WIDTH - 0.8 * unit)]
+    width = max(right - left, max(_text_w(t, _TITLE_FONT, unit) for t in titles) + 0.8,
+                max(_text_w(line, unit=unit) for line in caption) + 0.8)
     center = (left + right) / 2
     left, right = center - width / 2, center + width / 2
-    ax.text(center, top + 0.35, title, ha="center", va="bottom", fontsize=_TITLE_FONT,
-            fontweight="bold", color=_INK)
+    ax.text(center, top + 0.35, "\n".join(titles), ha="center", va="bottom",
+            fontsize=_TITLE_FONT, fontweight="bold", color=_INK, linespacing=1.3)
     ax.text(center, bottom - 0.15, "\n".join(caption), ha="center", va="top", fontsize=_FONT,
             color=_INK, linespacing=1.45)
-    line = _FONT * 1.45 / 72 / _UNIT
-    y_max = top + 0.35 + _TITLE_FONT * 1.3 / 72 / _UNIT + 0.2
+    line = _FONT * 1.45 / 72 / unit
+    y_max = top + 0.35 + _TITLE_FONT * 1.3 * len(titles) / 72 / unit + 0.2
     y_min = bottom - 0.15 - line * len(caption) - 0.25
     ax.set_xlim(left, right)
     ax.set_ylim(y_min, y_max)
     ax.set_aspect("equal")
     ax.axis("off")
     if own_figure:
-        fig.set_size_inches((right - left) * _UNIT, (y_max - y_min) * _UNIT)
+        fig.set_size_inches((right - left) * unit, (y_max - y_min) * unit)
         fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
+    return (right - left) * unit
+
+
+def _units(own_figure: bool) -> tuple[float, ...]:
+    """The units to lay a diagram out with, largest first (only _UNIT in a given Axes)."""
+    return _UNITS if own_figure else (_UNIT,)
 
 
 def _new_axes(ax: Any) -> tuple[Any, Any, bool]:
@@ -440,8 +467,13 @@ def _new_axes(ax: Any) -> tuple[Any, Any, bool]:
     return fig, ax, True
 
 
-def _render_grid(ax: Any, grid: _Grid) -> tuple[dict, dict, int, float, float, float, float]:
-    """Draw the crossbar; return tiles, colours, sum nodes drawn and the extents used."""
+def _render_grid(ax: Any, grid: _Grid, unit: float = _UNIT
+                 ) -> tuple[dict, dict, int, float, float, float, float]:
+    """Draw the crossbar; return tiles, colours, sum nodes drawn and the extents used.
+
+    Lengths are in data units of ``unit`` inches; each tile is as wide as its label
+    needs at the diagram's font size.
+    """
     canvas = _Canvas(ax)
     palette = _palette()
     cells: dict[tuple[int, int], Hashable] = {}
@@ -459,17 +491,17 @@ def _render_grid(ax: Any, grid: _Grid) -> tuple[dict, dict, int, float, float, f
         for key, rank in order.items()
     }
     labels = {key: grid.label(key) for key in order}
-    tile_w = max([0.74] + [_text_w(s) + 0.3 for s in labels.values()])
+    tile_w = max([0.74] + [_text_w(s, unit=unit) + 0.3 for s in labels.values()])
     out_labels = [f"y{o}" for o in grid.rows if o is not None]
     # column widths: room for a tile and for the input's label; ellipsis columns are narrow
-    widths = [0.8 if i is None else max(1.0, tile_w + 0.3, _text_w(f"x{i}") + 0.55)
+    widths = [0.8 if i is None else max(1.0, tile_w + 0.3, _text_w(f"x{i}", unit=unit) + 0.4)
               for i in grid.cols]
     xs = [sum(widths[:c]) + widths[c] / 2 for c in range(len(widths))]
     ys = [-(1.3 + r) for r in range(len(grid.rows))]
     x_edge = xs[-1] + widths[-1] / 2
     x_sum = x_edge + 0.55
     x_out = (x_sum + _SUM_R + 0.75) if grid.sums else x_edge + 0.75
-    out_w = max(_text_w(s) for s in out_labels) + 0.3
+    out_w = max(_text_w(s, unit=unit) for s in out_labels) + 0.3
 
     # groups: shaded blocks behind the tiles and labels on the left
     left = -0.2
@@ -492,14 +524,15 @@ def _render_grid(ax: Any, grid: _Grid) -> tuple[dict, dict, int, float, float, f
                                                   ec="none", zorder=0))
             ax.text(label_x, (y0 + y1) / 2, f"group {g}", ha="right", va="center",
                     fontsize=_FONT, color=_EDGE)
-            left = min(left, label_x - _text_w(f"group {g}") - 0.2)
+            left = min(left, label_x - _text_w(f"group {g}", unit=unit) - 0.2)
         for r, o in enumerate(grid.rows):
             neighbours = grid.rows[r - 1 : r + 2 : 2] if 0 < r < len(grid.rows) - 1 else []
             if o is None and len(neighbours) == 2 and None not in neighbours and (
                 grid.group_of_row(neighbours[0])  # type: ignore[arg-type]
                 != grid.group_of_row(neighbours[1])  # type: ignore[arg-type]
             ):
-                canvas.dots(label_x - _text_w("group 0") / 2, ys[r], vertical=True)
+                canvas.dots(label_x - _text_w("group 0", unit=unit) / 2, ys[r],
+                            vertical=True)
 
     # inputs and their wires
     for c, i in enumerate(grid.cols):
@@ -579,8 +612,10 @@ def draw_layer(
     Args:
         layer: an ``nn.Conv1d/2d/3d`` or a ``sharedconv.SharedConv1d/2d/3d`` (any groups;
             parameters may be on any device, including ``meta``: only shapes are read).
-        ax: matplotlib Axes to draw into; by default a new figure sized to the diagram
-            (pass an Axes only if it is large enough for it).
+        ax: matplotlib Axes to draw into; by default a new figure sized to the diagram,
+            at most 6.5 inches wide with the default ``max_channels`` (a wide layout is
+            drawn with less space between its parts; texts stay at 9 points or more).
+            Pass an Axes only if it is large enough for the diagram.
         max_channels: most input channels, and most output channels, drawn (at least 2).
         title: title above the diagram; by default the layer's constructor call.
 
@@ -616,8 +651,6 @@ def draw_layer(
         group_of_col=(lambda i: i // spec.n_in) if grouped else None,
     )
     fig, ax, own = _new_axes(ax)
-    cells, colors, sums, left, right, top, bottom = _render_grid(ax, grid)
-    distinct = len(set(cells.values()))
     total_kernels = spec.out_channels * spec.n_in
     total_distinct = (spec.n_out if spec.shared else spec.out_channels) * spec.n_in
     elided = None in cols or None in rows
@@ -627,11 +660,20 @@ def draw_layer(
             key = "tile f,d = weight[f, d]"
     else:
         key = "tile o,i = weight[o, i]" + (", i counted inside the group" if grouped else "")
-    drawn = f"{len(cells)} kernels drawn, {distinct} distinct"
-    if elided:
-        drawn += f" (layer: {total_kernels:,} kernels, {total_distinct:,} distinct)"
-    caption = [_caption_params(spec.weight_shape, spec.bias_shape, spec.n_params), drawn, key]
-    _finish(ax, fig, own, left, right, top, bottom, title or spec.title(), caption)
+    for unit in _units(own):  # the largest unit whose figure fits the page
+        if unit != _UNITS[0]:
+            ax.clear()
+        cells, colors, sums, left, right, top, bottom = _render_grid(ax, grid, unit)
+        distinct = len(set(cells.values()))
+        drawn = f"{len(cells)} kernels drawn, {distinct} distinct"
+        if elided:
+            drawn += f" (layer: {total_kernels:,} kernels, {total_distinct:,} distinct)"
+        caption = [_caption_params(spec.weight_shape, spec.bias_shape, spec.n_params),
+                   drawn, key]
+        width = _finish(ax, fig, own, left, right, top, bottom, title or spec.title(),
+                        caption, unit)
+        if width <= _MAX_WIDTH:
+            break
     return DiagramInfo(
         kernel_glyphs=len(cells),
         distinct_kernels=distinct,
@@ -662,23 +704,24 @@ def draw_scheme(
 ) -> DiagramInfo:
     """Draw one of the two ways to use one kernel on every input channel and sum.
 
-    Both schemes have ``out_channels`` kernels ``k0, k1, ...`` of size ``kernel_size``
+    Both schemes have ``out_channels`` kernels ``w0, w1, ...`` of size ``kernel_size``
     (2-D, no bias), stored as a weight of shape ``(out_channels, 1, k, k)``, and both
     compute the same output, with ``out_channels`` channels whatever ``in_channels`` is:
 
-    - ``"A"``: kernel ``k_o`` on every input channel, then one sum per output channel:
+    - ``"A"``: kernel ``w_o`` on every input channel, then one sum per output channel:
       ``in_channels * out_channels`` tiles, ``out_channels`` distinct, ``out_channels``
       sum nodes.
     - ``"B"``: sum the input channels first (one node), then each kernel once:
       ``out_channels`` tiles, ``out_channels`` distinct, one sum node.
 
-    The kernel ``k_o`` has the same colour in both pictures.
+    The kernel ``w_o`` has the same colour in both pictures.
 
     Args:
         scheme: ``"A"`` or ``"B"``.
         in_channels: input channels (at least 1).
         out_channels: output channels, one kernel each (at least 1).
-        ax: matplotlib Axes to draw into; by default a new figure sized to the diagram.
+        ax: matplotlib Axes to draw into; by default a new figure sized to the diagram,
+            at most 6.5 inches wide with the default ``max_channels``.
         kernel_size: side of the square kernels (for the weight shape and parameter count).
         max_channels: most input, and most output, channels drawn (at least 2).
         title: title above the diagram; by default a description of the scheme.
@@ -712,31 +755,38 @@ def draw_scheme(
     weight_shape = (out_channels, 1, kernel_size, kernel_size)
     n_params = out_channels * kernel_size * kernel_size
     fig, ax, own = _new_axes(ax)
-    if scheme == "A":
-        grid = _Grid(cols=cols, rows=rows, kernel=lambda o, i: o, label=lambda o: f"k{o}",
-                     color_index=lambda o: o, sums=True)
-        cells, colors, sums, left, right, top, bottom = _render_grid(ax, grid)
-        tiles = {(rows[r], cols[c]): key for (r, c), key in cells.items()}
-        kernels = len(cells)
-        distinct = len(set(cells.values()))
-        total_kernels, total_sums = in_channels * out_channels, out_channels
-        what = "the same kernel on every input channel, then one sum per output"
-        default_title = f"Scheme A: convolve each of {in_channels} channels, then sum"
-    else:
-        kernels, distinct, sums, ncolors, left, right, top, bottom = _render_scheme_b(
-            ax, cols, rows
-        )
-        total_kernels, total_sums = out_channels, 1
-        tiles = {(o, None): o for o in rows if o is not None}
-        what = "one sum of the input channels, then each kernel once"
-        default_title = f"Scheme B: sum the {in_channels} channels, then convolve"
     elided = None in cols or None in rows
-    drawn = f"{kernels} kernels drawn, {distinct} distinct, {sums} sum node"
-    drawn += "" if sums == 1 else "s"
-    if elided:
-        drawn += f" (in all: {total_kernels:,} kernels, {out_channels:,} distinct)"
-    caption = [_caption_params(weight_shape, None, n_params), drawn, what]
-    _finish(ax, fig, own, left, right, top, bottom, title or default_title, caption)
+    colors: dict = {}
+    for unit in _units(own):  # the largest unit whose figure fits the page
+        if unit != _UNITS[0]:
+            ax.clear()
+        if scheme == "A":
+            grid = _Grid(cols=cols, rows=rows, kernel=lambda o, i: o,
+                         label=lambda o: f"w{o}", color_index=lambda o: o, sums=True)
+            cells, colors, sums, left, right, top, bottom = _render_grid(ax, grid, unit)
+            tiles = {(rows[r], cols[c]): key for (r, c), key in cells.items()}
+            kernels = len(cells)
+            distinct = len(set(cells.values()))
+            total_kernels, total_sums = in_channels * out_channels, out_channels
+            what = "the same kernel on every input channel, then one sum per output"
+            default_title = f"Scheme A: convolve each of {in_channels} channels, then sum"
+        else:
+            kernels, distinct, sums, ncolors, left, right, top, bottom = _render_scheme_b(
+                ax, cols, rows, unit
+            )
+            total_kernels, total_sums = out_channels, 1
+            tiles = {(o, None): o for o in rows if o is not None}
+            what = "one sum of the input channels, then each kernel once"
+            default_title = f"Scheme B: sum the {in_channels} channels, then convolve"
+        drawn = f"{kernels} kernels drawn, {distinct} distinct, {sums} sum node"
+        drawn += "" if sums == 1 else "s"
+        if elided:
+            drawn += f" (in all: {total_kernels:,} kernels, {out_channels:,} distinct)"
+        caption = [_caption_params(weight_shape, None, n_params), drawn, what]
+        width = _finish(ax, fig, own, left, right, top, bottom, title or default_title,
+                        caption, unit)
+        if width <= _MAX_WIDTH:
+            break
     return DiagramInfo(
         kernel_glyphs=kernels,
         distinct_kernels=distinct,
@@ -756,19 +806,19 @@ def draw_scheme(
     )
 
 
-def _render_scheme_b(ax: Any, cols: list, rows: list) -> tuple:
+def _render_scheme_b(ax: Any, cols: list, rows: list, unit: float = _UNIT) -> tuple:
     """Inputs into one sum node, then a column of kernels, one per output channel."""
     canvas = _Canvas(ax)
     palette = _palette()
-    labels = [f"k{o}" for o in rows if o is not None]
-    tile_w = max([0.74] + [_text_w(s) + 0.3 for s in labels])
-    dx = max(1.0, max(_text_w(f"x{i}") + 0.6 for i in cols if i is not None))
+    labels = [f"w{o}" for o in rows if o is not None]
+    tile_w = max([0.74] + [_text_w(s, unit=unit) + 0.3 for s in labels])
+    dx = max(1.0, max(_text_w(f"x{i}", unit=unit) + 0.6 for i in cols if i is not None))
     xs = [c * dx for c in range(len(cols))]
     x_mid = (xs[0] + xs[-1]) / 2
     y_sum = -1.25
     ys = [-(2.45 + r) for r in range(len(rows))]
     x_out = max(xs[-1] + dx / 2, x_mid + tile_w / 2) + 0.9
-    out_w = max(_text_w(f"y{o}") for o in rows if o is not None) + 0.3
+    out_w = max(_text_w(f"y{o}", unit=unit) for o in rows if o is not None) + 0.3
     for c, i in enumerate(cols):
         if i is None:
             canvas.dots(xs[c], 0.0, vertical=False)
@@ -785,7 +835,7 @@ def _render_scheme_b(ax: Any, cols: list, rows: list) -> tuple:
             canvas.dots(x_out + out_w / 2 - 0.15, ys[r], vertical=True)
             continue
         color = palette[o % len(palette)]
-        canvas.tile(x_mid, ys[r], tile_w, color, f"k{o}")
+        canvas.tile(x_mid, ys[r], tile_w, color, f"w{o}")
         canvas.arrow(x_mid + tile_w / 2, ys[r], x_out - 0.22, ys[r])
         canvas.box(x_out, ys[r], f"y{o}", ha="left")
         kernels += 1
@@ -909,6 +959,13 @@ def _title_width(head: str) -> float:
     return max(len(line) for line in head.splitlines()) * 0.6 * (_FONT + 1) / 72 + 0.5
 
 
+def _fit_title(head: str) -> str:
+    """``head`` with its lines wrapped so that the title fits ``_MAX_WIDTH``."""
+    chars = int((_MAX_WIDTH - 0.5) / (0.6 * (_FONT + 1) / 72))
+    return "\n".join(part for line in head.splitlines()
+                     for part in textwrap.wrap(line, chars) or [""])
+
+
 def _ticks_for(k: int) -> list[int]:
     if k <= 16:
         return list(range(k))
@@ -956,8 +1013,9 @@ def _weights_1d(plt: Any, w: Tensor, max_rows: int, vmax: float, head: str, a: s
         o, i = pairs[j]
         matrix[r] = w[o, i].numpy()
         labels.append(f"{o},{i}")
-    cell_w = min(0.4, 5.0 / k)
-    width = max(4.6, k * cell_w + 3.2, _title_width(head))
+    cell_w = min(0.4, 3.4 / k)
+    head = _fit_title(head)
+    width = min(_MAX_WIDTH, max(4.6, k * cell_w + 3.2, _title_width(head)))
     height = max(2.3, 1.5 + 0.26 * len(items))
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
@@ -998,8 +1056,10 @@ def _weights_2d(plt: Any, w: Tensor, max_rows: int, max_cols: int, vmax: float, 
             if o is not None and i is not None:
                 y0, x0 = r * (kh + gap), c * (kw + gap)
                 mosaic[y0 : y0 + kh, x0 : x0 + kw] = w[o, i].numpy()
-    px = 0.42 / max(kh, kw)  # inches per kernel pixel: each kernel about 0.42 in wide
-    width = max(4.0, mosaic.shape[1] * px + 3.0, _title_width(head))
+    # inches per kernel pixel: each kernel about 0.42 in wide, all of them within the page
+    px = min(0.42 / max(kh, kw), (_MAX_WIDTH - 3.1) / mosaic.shape[1])
+    head = _fit_title(head)
+    width = min(_MAX_WIDTH, max(4.0, mosaic.shape[1] * px + 3.0, _title_width(head)))
     height = max(2.4, mosaic.shape[0] * px + 1.5)
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
@@ -1111,8 +1171,8 @@ def _features_1d(plt: Any, maps: Tensor, streams: list, features: list, vmax: fl
     length = maps.shape[-1]
     real = [g for g in streams if g is not None]
     height = 0.9 + sum(0.35 + 0.2 * len(features) for _ in real) + (0.3 if None in streams else 0)
-    fig, axes = plt.subplots(len(real), 1, figsize=(7.0, height), sharex=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(len(real), 1, figsize=(_MAX_WIDTH, height), sharex=True,
+                             squeeze=False, layout="constrained")
     image = None
     for ax, g in zip(axes[:, 0], real, strict=True):
         matrix = np.full((len(features), length), np.nan)
@@ -1151,9 +1211,11 @@ def _features_2d(plt: Any, maps: Tensor, streams: list, features: list, vmax: fl
                 mosaic[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = (
                     maps[g, f].numpy()
                 )
-    px = min(0.9 / max(h, w), 6.0 / mosaic.shape[1])
-    fig, ax = plt.subplots(figsize=(max(3.6, mosaic.shape[1] * px + 2.2, _title_width(head)),
-                                    max(2.0, mosaic.shape[0] * px + 1.2)), layout="constrained")
+    px = min(0.9 / max(h, w), (_MAX_WIDTH - 2.3) / mosaic.shape[1])
+    head = _fit_title(head)
+    width = min(_MAX_WIDTH, max(3.6, mosaic.shape[1] * px + 2.2, _title_width(head)))
+    fig, ax = plt.subplots(figsize=(width, max(2.0, mosaic.shape[0] * px + 1.2)),
+                           layout="constrained")
     image = ax.imshow(mosaic, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
     ax.set_yticks([r * (h + gap) + (h - 1) / 2 for r in range(len(streams))],
                   [f"stream {g}" if g is not None else "\u22ee" for g in streams],
