@@ -190,6 +190,7 @@ def test_first_code_cell_is_the_colab_setup(path):
     assert "torch=={version('torch')}" in src, "keeps the runtime's torch"
     assert src.count("print(") <= 1, "prints at most one line"
     assert first["outputs"] == [], "prints nothing when sharedconv is installed"
+    assert "hide-input" in first["metadata"].get("tags", []), "folded on the page"
 
 
 def test_colab_setup_keeps_the_runtime_torch(tmp_path):
