@@ -149,6 +149,12 @@ class _SharedConvNd(nn.Module):
         not a multiple of ``in_per_group`` is refused. ``groups``, ``in_channels`` and
         ``out_channels`` are ``None``.
 
+        Args:
+            in_per_group (int): :math:`D`, the input channels of one group.
+            out_per_group (int): :math:`F`, the filters of the shared bank.
+            kernel_size, stride, padding, dilation, bias, padding_mode, device, dtype: as
+                for the class itself.
+
         Example::
 
             >>> conv = SharedConv1d.per_group(1, 16, 5, padding=2)  # one stream -> 16 maps
@@ -188,6 +194,10 @@ class _SharedConvNd(nn.Module):
                 init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor) -> Tensor:
+        """The shared convolution of ``input``, of shape ``(N, C_in, *S)`` or ``(C_in, *S)``.
+
+        Returns ``(N, C_out, *S_out)`` (or ``(C_out, *S_out)``), output channels group-major.
+        """
         return _layer_conv(input, self.weight, self.bias, self.stride, self.padding,
                            self.dilation, self.groups, self.padding_mode, type(self).__name__)
 
