@@ -307,7 +307,7 @@ def installed_package(tmp_path_factory) -> Path:
     tree = tmp_path_factory.mktemp("source")
     shutil.copytree(ROOT / "src", tree / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "LICENSE-BOOK"):
         shutil.copy(ROOT / name, tree / name)
     wheels = tmp_path_factory.mktemp("wheels")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",

@@ -8,6 +8,7 @@ should see: one convolution on a folded view.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,28 @@ def test_channels_last_output_as_nn_conv_gives_it(dim, where, tuned, monkeypatch
     assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
     x_plain = _input(dim).float()
     assert layer.to(memory_format=torch.contiguous_format)(x_plain).is_contiguous()
+
+
+# ---- TorchScript: tracing records the one convolution; scripting is not supported (api.md)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_jit_trace_records_one_convolution(dim):
+    torch.manual_seed(0)
+    layer = SHARED[dim](6, 6 * 2, KERNELS[dim], groups=3, padding=1).double()
+    x = torch.randn(2, 6, *SIZES[dim], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the checks read sizes
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's own notice
+        traced = torch.jit.trace(layer, (x,))
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert sum(k in ("aten::_convolution", f"aten::conv{dim}d") for k in kinds) == 1, kinds
+    torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=0)
+
+
+def test_jit_script_is_refused_as_the_api_page_says():
+    api = (Path(__file__).resolve().parents[1] / "book" / "api.md").read_text()
+    assert "TorchScript (`torch.jit.script`) is not" in api
+    with warnings.catch_warnings(), pytest.raises(Exception, match="nn.Parameter"):
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's own notice
+        torch.jit.script(SHARED[1](4, 8, 3, groups=4))

@@ -1,0 +1,105 @@
+"""The release: an sdist and a wheel that `twine check` accepts, and a wheel that installs.
+
+`python -m build` runs on a copy of the sources (so that no build folder lands in the tree)
+without build isolation, with the setuptools of the test environment, so the test needs no
+network. The wheel is then installed, without dependencies, into a fresh virtual
+environment that sees torch from the test environment and nothing else of it.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import sharedconv
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("src", "pyproject.toml", "README.md", "LICENSE", "LICENSE-BOOK")
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> Path:
+    tree = tmp_path_factory.mktemp("tree")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(ROOT / name, tree / name)
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel",
+                    "--outdir", str(out), str(tree)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.slow
+def test_twine_accepts_the_sdist_and_the_wheel(dist):
+    files = sorted(dist.iterdir())
+    assert sorted(f.suffix for f in files) == [".gz", ".whl"], files
+    result = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, files)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASSED") == 2
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_package_its_data_and_licences_not_the_tests(dist):
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert f"sharedconv-{sharedconv.__version__}.dist-info/licenses/LICENSE" in names
+    assert f"sharedconv-{sharedconv.__version__}.dist-info/licenses/LICENSE-BOOK" in names
+    assert "sharedconv/py.typed" in names
+    stored = {n for n in names if n.startswith("sharedconv/results/") and n.endswith(".json")}
+    on_disk = {f"sharedconv/results/{p.name}" for p in (ROOT / "src/sharedconv/results").glob(
+        "*.json")}
+    assert stored == on_disk and stored  # the runs the chapters read at run time
+    modules = {n for n in names if n.endswith(".py")}
+    assert {f"sharedconv/{p.name}" for p in (ROOT / "src/sharedconv").glob("*.py")} == modules
+    assert not any(n.startswith(("tests/", "book/")) for n in names)
+    meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(
+        f"sharedconv-{sharedconv.__version__}.dist-info/METADATA"))
+    assert meta["Version"] == sharedconv.__version__  # the one place the version is written
+    assert meta["License-Expression"] == "MIT AND CC-BY-4.0"
+    assert meta["Requires-Python"] == ">=3.10"
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_into_a_fresh_environment_and_imports(dist, tmp_path):
+    (wheel,) = dist.glob("*.whl")
+    env = tmp_path / "env"
+    venv.create(env, with_pip=True)
+    python = env / ("Scripts" if sys.platform == "win32" else "bin") / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
+                   check=True, capture_output=True)
+    # torch from this environment (a path entry, which does not run its .pth files, so the
+    # editable sharedconv of this environment stays invisible)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], check=True, capture_output=True, text=True)
+    torch_dir = Path(sysconfig.get_paths()["purelib"])
+    (Path(site.stdout.strip()) / "torch-from-tests.pth").write_text(f"{torch_dir}\n")
+    probe = (
+        "import json, importlib.metadata, torch, sharedconv\n"
+        "from sharedconv import bench\n"
+        "layer = sharedconv.SharedConv1d(4, 4 * 3, 3, groups=4)\n"
+        "y = layer(torch.randn(2, 4, 10))\n"
+        "print(json.dumps({'file': sharedconv.__file__, 'version': sharedconv.__version__,\n"
+        "  'dist': importlib.metadata.version('sharedconv'), 'shape': list(y.shape),\n"
+        "  'runs': len(bench.stored_runs())}))\n"
+    )
+    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout)
+    assert Path(seen["file"]).is_relative_to(env), seen["file"]  # the wheel's copy
+    assert seen["version"] == seen["dist"] == sharedconv.__version__
+    assert seen["shape"] == [2, 12, 8]  # no padding: 10 - 3 + 1
+    assert seen["runs"] == len(list((ROOT / "src/sharedconv/results").glob("*.json")))
