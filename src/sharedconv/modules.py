@@ -57,6 +57,27 @@ def _layer_conv(
 # of tracing into checks that read sizes a Proxy does not have.
 torch.fx.wrap("_layer_conv")
 
+_REDUCTIONS = ("check", "mean")
+
+
+def _check_banks(banks: Tensor, what: str, who: str) -> None:
+    """Refuse ``banks`` (``(G, ...)``) unless all ``G`` equal bank 0 exactly (NaN equals NaN)."""
+    first = banks[:1]
+    same = torch.isclose(banks, first, rtol=0, atol=0, equal_nan=True)
+    if bool(same.all()):
+        return
+    diff = torch.where(same, 0, (banks - first).abs()).flatten(1).amax(1)
+    worst = int(diff.nan_to_num(nan=math.inf).argmax())
+    differ = int((~same).flatten(1).any(1).sum())
+    g, largest = banks.shape[0], diff[worst].item()
+    how = f"{largest:.6g}" + (" (a NaN against a number)" if math.isnan(largest) else "")
+    raise ValueError(
+        f"{who}: the conv's {g} {what} banks (one per group) are not all equal: group "
+        f"{worst}'s differs most from group 0's, largest absolute difference {how}, and "
+        f"{differ} of the {g} banks differ from bank 0. A shared layer holds one bank: pass "
+        f"reduce='mean' to take the mean of the {g} banks"
+    )
+
 
 class _SharedConvNd(nn.Module):
     """Common base of the shared convolutions; ``_dim`` is set by the subclasses."""
@@ -166,6 +187,93 @@ class _SharedConvNd(nn.Module):
         layer = cls(in_per_group, out_per_group, kernel_size, stride, padding, dilation, 1,
                     bias, padding_mode, device, dtype)
         layer.groups = layer.in_channels = layer.out_channels = None
+        return layer
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, reduce: str = "check"):
+        r"""The shared layer of a grouped ``nn.ConvNd``, the inverse of :meth:`to_conv`.
+
+        The layer has the conv's ``in_channels``, ``out_channels``, ``kernel_size``,
+        ``stride``, ``padding``, ``dilation``, ``groups``, ``padding_mode``, bias presence,
+        device and dtype. Its bank is read from the conv's ``G = groups`` banks, the weight
+        viewed as :math:`(G, F, D, *\mathrm{kernel\_size})` and the bias as :math:`(G, F)`.
+        With ``reduce="check"`` the banks (and the bias chunks) must all be exactly equal,
+        as they are in ``layer.to_conv()``: then ``SharedConv1d.from_conv(layer.to_conv())``
+        equals ``layer``, same parameters and same outputs. Banks that differ are refused
+        (the error says which group is furthest from bank 0, and by how much) unless
+        ``reduce="mean"``, which takes their mean: the layer then computes the grouped
+        convolution whose banks are all replaced by that mean.
+
+        The parameters are new tensors (copies, not views of the conv's), ordinary
+        trainable parameters; building the layer draws no random numbers.
+
+        To load a grouped convolution's ``state_dict`` ``sd`` (saved from an
+        ``nn.Conv1d(G * D, G * F, k, groups=G)``), load it into that conv and convert it,
+        ``conv.load_state_dict(sd)`` then ``SharedConv1d.from_conv(conv)``; or reduce the
+        tensors directly: ``sd["weight"].view(G, F, D, *k)[0]`` (or ``.mean(0)``) is the
+        shared layer's ``weight`` and ``sd["bias"].view(G, F)[0]`` its ``bias``.
+
+        Args:
+            conv (torch.nn.Module): an ``nn.Conv1d`` for :class:`~sharedconv.SharedConv1d`
+                (``nn.Conv2d``, ``nn.Conv3d`` for the others), any ``groups``.
+            reduce (str, optional): ``"check"``: the banks must be equal, bank 0 is taken;
+                ``"mean"``: the mean of the banks is taken. Default: ``"check"``.
+
+        Returns:
+            The shared layer, on the conv's device and in its dtype.
+
+        Raises:
+            TypeError: ``conv`` is not an ``nn.ConvNd`` of the layer's dimension (a
+                transposed convolution is not one either).
+            ValueError: ``reduce`` is not ``"check"`` or ``"mean"``, or ``reduce="check"``
+                and the banks differ; ``conv`` has uninitialised (lazy) parameters.
+
+        Example::
+
+            >>> layer = SharedConv1d(6, 12, 3, groups=3, padding=1)
+            >>> back = SharedConv1d.from_conv(layer.to_conv())
+            >>> torch.equal(back.weight, layer.weight)
+            True
+            >>> conv = nn.Conv1d(6, 12, 3, groups=3)      # three different banks
+            >>> SharedConv1d.from_conv(conv, reduce="mean").weight.shape
+            torch.Size([4, 2, 3])
+        """
+        n = cls._dim
+        who = f"{cls.__name__}.from_conv"
+        conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+        if not isinstance(conv, conv_cls):
+            got = type(conv)
+            got_name = got.__name__ if isinstance(conv, nn.Module) else f"{got.__name__} object"
+            raise TypeError(
+                f"{who}: expected an nn.{conv_cls.__name__} (a {n}-d convolution), "
+                f"got {got_name}"
+            )
+        if not isinstance(reduce, str) or reduce not in _REDUCTIONS:
+            raise ValueError(f"{who}: reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        if nn.parameter.is_lazy(conv.weight):
+            raise ValueError(
+                f"{who}: the {type(conv).__name__} has uninitialised parameters; run it on "
+                "an input first"
+            )
+        groups = conv.groups
+        # bias=False: building on "meta" allocates nothing and draws no random numbers
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                    groups=groups, bias=False, padding_mode=conv.padding_mode,
+                    device="meta", dtype=conv.weight.dtype)
+        with torch.no_grad():
+            tensors = {"weight": conv.weight.detach().unflatten(0, (groups, -1))}
+            if conv.bias is not None:
+                tensors["bias"] = conv.bias.detach().unflatten(0, (groups, -1))
+            for name, banks in tensors.items():
+                if reduce == "mean":
+                    bank = banks.mean(0)
+                else:
+                    if not banks.is_meta:  # a meta conv has no values to compare
+                        _check_banks(banks, name, who)
+                    bank = banks[0]
+                bank = bank.clone(memory_format=torch.contiguous_format)
+                setattr(layer, name, nn.Parameter(bank))
         return layer
 
     @property
