@@ -2,7 +2,8 @@
 
 ``SharedConv1d/2d/3d`` take the arguments of ``nn.Conv1d/2d/3d`` and compute the grouped
 convolution whose ``groups`` filter banks are one tensor, as one convolution on a view that
-folds the groups into the batch; ``functional.shared_conv`` is the same operation as a
+folds the groups into the batch (``SharedConvTranspose1d/2d/3d``: the same for
+``nn.ConvTranspose1d/2d/3d``); ``functional.shared_conv`` is the same operation as a
 function; ``autotune()`` (opt-in) times the other correct ways of computing it on this
 machine and keeps the fastest per shape; ``masked_shared_conv1d`` applies one bank to many
 masked copies of one sequence without making the copies.
@@ -14,6 +15,7 @@ from . import functional, tuning
 from .functional import shared_conv
 from .masked import masked_shared_conv1d
 from .modules import SharedConv1d, SharedConv2d, SharedConv3d
+from .transposed import SharedConvTranspose1d, SharedConvTranspose2d, SharedConvTranspose3d
 from .tuning import autotune
 
 # sharedconv.shared_conv is a name of its own for torch.fx: record it as one call too
@@ -23,6 +25,9 @@ __all__ = [
     "SharedConv1d",
     "SharedConv2d",
     "SharedConv3d",
+    "SharedConvTranspose1d",
+    "SharedConvTranspose2d",
+    "SharedConvTranspose3d",
     "autotune",
     "functional",
     "masked_shared_conv1d",
