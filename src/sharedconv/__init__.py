@@ -5,15 +5,16 @@ convolution whose ``groups`` filter banks are one tensor, as one convolution on 
 folds the groups into the batch (``SharedConvTranspose1d/2d/3d``: the same for
 ``nn.ConvTranspose1d/2d/3d``); ``functional.shared_conv`` is the same operation as a
 function; ``autotune()`` (opt-in) times the other correct ways of computing it on this
-machine and keeps the fastest per shape; ``masked_shared_conv1d`` applies one bank to many
-masked copies of one sequence without making the copies.
+machine and keeps the fastest per shape; ``masked_shared_conv1d`` (and its layer,
+``MaskedSharedConv1d``) applies one bank to many masked copies of one sequence without making
+the copies.
 """
 
 import torch as _torch
 
 from . import functional, tuning
 from .functional import shared_conv
-from .masked import masked_shared_conv1d
+from .masked import MaskedSharedConv1d, masked_shared_conv1d
 from .modules import SharedConv1d, SharedConv2d, SharedConv3d
 from .transposed import SharedConvTranspose1d, SharedConvTranspose2d, SharedConvTranspose3d
 from .tuning import autotune
@@ -22,6 +23,7 @@ from .tuning import autotune
 _torch.fx.wrap("shared_conv")
 
 __all__ = [
+    "MaskedSharedConv1d",
     "SharedConv1d",
     "SharedConv2d",
     "SharedConv3d",

@@ -20,17 +20,33 @@ and output position, a ``(T, k) @ (k, F)`` matrix
 product. That is about ``D`` times fewer FLOPs, and nothing of size ``B * T * D * L`` is
 ever allocated. The backward pass recomputes the tap responses and mask windows from the
 inputs instead of saving them, so autograd keeps only ``x``, the mask and the weight.
+
+:class:`MaskedSharedConv1d` is the layer that holds the bank and its bias. The operation
+composes with :mod:`torch.func`: ``vmap`` (over any of the inputs), ``grad``, ``jvp`` and
+their compositions.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import init
 
-from .functional import _as_tuple, _check_weight, _explicit_padding, _normalize_padding
+from .functional import (
+    _as_int,
+    _as_tuple,
+    _check_weight,
+    _explicit_padding,
+    _IntOrTuple,
+    _normalize_padding,
+    _Padding,
+)
 
-__all__ = ["masked_shared_conv1d", "naive_masked_shared_conv1d"]
+__all__ = ["MaskedSharedConv1d", "masked_shared_conv1d", "naive_masked_shared_conv1d"]
 
 
 def _check_masked_args(
@@ -109,7 +125,8 @@ def _forward_parts(x_pad: Tensor, m_pad: Tensor, weight: Tensor, s: int, d: int,
     f_out, dim, k = weight.shape
     # u[b, (f, j), p] = sum_d w[f, d, j] x[b, d, p]: one matrix product over channels
     w_taps = weight.permute(0, 2, 1).reshape(f_out * k, dim)
-    u = torch.matmul(w_taps, x_pad).unflatten(1, (f_out, k))  # (B, F, k, L_pad)
+    u = torch.matmul(w_taps, x_pad)
+    u = u.view(u.shape[0], f_out, k, u.shape[2])  # (B, F, k, L_pad)
     span = s * (l_out - 1) + 1
     # U[b, l, j, f] = u[b, f, j, j*d + l*s]: k strided slices of a small tensor
     taps = torch.stack([u[:, :, j, j * d : j * d + span : s] for j in range(k)], dim=2)
@@ -119,29 +136,72 @@ def _forward_parts(x_pad: Tensor, m_pad: Tensor, weight: Tensor, s: int, d: int,
     return U, M
 
 
+def _pad(t: Tensor, left: int, right: int) -> Tensor:
+    return F.pad(t, (left, right)) if left or right else t
+
+
+def _out_length(length: int, k: int, s: int, d: int) -> int:
+    return (length - d * (k - 1) - 1) // s + 1
+
+
+def _masked_forward(
+    x: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    s: int,
+    d: int,
+    left: int,
+    right: int,
+) -> Tensor:
+    """The output as ``(B, L_out, T, F)``: trilinear in ``(x, mask, weight)``, plus ``bias``."""
+    x_pad, m_pad = _pad(x, left, right), _pad(mask, left, right)
+    l_out = _out_length(x_pad.shape[2], weight.shape[2], s, d)
+    if l_out < 1:
+        raise ValueError(
+            f"the padded input of length {x_pad.shape[2]} is shorter than the dilated "
+            f"kernel ({d * (weight.shape[2] - 1) + 1})"
+        )
+    U, M = _forward_parts(x_pad, m_pad, weight, s, d, l_out)
+    # (B, L_out, T, F): position-major, so that each output position is one product
+    y = torch.matmul(M, U)
+    if bias is not None:
+        try:  # in place: the output is the largest tensor, so no second one
+            y.add_(bias)
+        except RuntimeError:  # vmap refuses it when the bias is batched and y is not
+            y = y + bias
+    return y
+
+
+def _as_output(y: Tensor) -> Tensor:
+    """``(B, L_out, T, F)`` to ``(B, T * F, L_out)`` as a view: channels have stride 1."""
+    batch, l_out, labels, f_out = y.shape
+    return y.permute(0, 2, 3, 1).reshape(batch, labels * f_out, l_out)
+
+
 class _MaskedSharedConv1d(torch.autograd.Function):
-    """Forward and backward of the masked shared convolution, saving only the inputs."""
+    """Forward and backward of the masked shared convolution, saving only the inputs.
+
+    Written in the ``setup_context`` style, with every part made of PyTorch operations
+    that have batching rules, so that ``torch.func.vmap`` (``generate_vmap_rule``) and
+    ``torch.func.grad`` apply to it, and ``torch.compile`` traces it in one graph. Forward
+    mode is :class:`_MaskedSharedConv1dJvp`, which adds the tangent.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, mask, weight, bias, s, d, left, right):  # type: ignore[override]
-        x_pad = F.pad(x, (left, right)) if left or right else x
-        m_pad = F.pad(mask, (left, right)) if left or right else mask
-        k = weight.shape[2]
-        l_out = (x_pad.shape[2] - d * (k - 1) - 1) // s + 1
-        if l_out < 1:
-            raise ValueError(
-                f"the padded input of length {x_pad.shape[2]} is shorter than the dilated "
-                f"kernel ({d * (k - 1) + 1})"
-            )
-        U, M = _forward_parts(x_pad, m_pad, weight, s, d, l_out)
-        # (B, L_out, T, F): position-major, so that each output position is one product
-        y = torch.matmul(M, U)
-        if bias is not None:
-            y += bias
+    def forward(x, mask, weight, bias, s, d, left, right):  # type: ignore[override]
+        return _as_output(_masked_forward(x, mask, weight, bias, s, d, left, right))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, mask, weight, bias, s, d, left, right = inputs
+        # the same three tensors serve the backward and the forward-mode tangent
         ctx.save_for_backward(x, mask, weight)
+        ctx.save_for_forward(x, mask, weight)
+        l_out = _out_length(x.shape[2] + left + right, weight.shape[2], s, d)
         ctx.options = (s, d, left, right, l_out, bias is not None)
-        # (B, T * F, L_out) as a view: channels have stride 1 (a channels-last layout)
-        return y.permute(0, 2, 3, 1).flatten(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -149,10 +209,10 @@ class _MaskedSharedConv1d(torch.autograd.Function):
         s, d, left, right, l_out, has_bias = ctx.options
         f_out, dim, k = weight.shape
         batch, labels = mask.shape[0], mask.shape[1]
-        x_pad = F.pad(x, (left, right)) if left or right else x
-        m_pad = F.pad(mask, (left, right)) if left or right else mask
+        x_pad, m_pad = _pad(x, left, right), _pad(mask, left, right)
         U, M = _forward_parts(x_pad, m_pad, weight, s, d, l_out)
-        g = grad_out.view(batch, labels, f_out, l_out).permute(0, 3, 1, 2)  # (B, L_out, T, F)
+        g4 = grad_out.reshape(batch, labels, f_out, l_out)
+        g = g4.permute(0, 3, 1, 2)  # (B, L_out, T, F)
         grad_x = grad_mask = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
             g_M = torch.matmul(g, U.transpose(-1, -2))  # (B, L_out, T, k)
@@ -162,7 +222,7 @@ class _MaskedSharedConv1d(torch.autograd.Function):
             g_U = torch.matmul(M.transpose(-1, -2), g)  # (B, L_out, k, F)
             # back to every padded position: g_u[b, f, j, p], zero where no output reads p
             g_u = _unwindow(g_U.permute(0, 3, 2, 1), x_pad.shape[2], s, d, keep_taps=True)
-            g_u = g_u.flatten(1, 2)  # (B, F*k, L_pad)
+            g_u = g_u.reshape(batch, f_out * k, x_pad.shape[2])  # (B, F*k, L_pad)
             w_taps = weight.permute(0, 2, 1).reshape(f_out * k, dim)
             if ctx.needs_input_grad[0]:
                 grad_x_pad = torch.matmul(w_taps.t(), g_u)  # (B, D, L_pad)
@@ -171,8 +231,42 @@ class _MaskedSharedConv1d(torch.autograd.Function):
                 g_w = torch.matmul(g_u, x_pad.transpose(1, 2)).sum(0)  # (F*k, D)
                 grad_w = g_w.view(f_out, k, dim).permute(0, 2, 1)
         if has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad_out.view(batch, labels, f_out, l_out).sum((0, 1, 3))
+            grad_b = g4.sum((0, 1, 3))
         return grad_x, grad_mask, grad_w, grad_b, None, None, None, None
+
+
+class _MaskedSharedConv1dJvp(_MaskedSharedConv1d):
+    """:class:`_MaskedSharedConv1d` with forward-mode AD (``torch.func.jvp``, ``jacfwd``).
+
+    A class of its own because Dynamo does not trace an ``autograd.Function`` that defines
+    ``jvp``: eager calls use this one, compiled code the parent.
+    """
+
+    @staticmethod
+    def jvp(ctx, dx, dmask, dweight, dbias, *_):  # type: ignore[override]
+        """Forward-mode tangent: the output is linear in each of ``x``, ``mask``, ``weight``.
+
+        So its tangent is the sum of the forward with one input replaced by its tangent,
+        for each input that has one, plus the bias tangent.
+        """
+        x, mask, weight = ctx.saved_tensors
+        s, d, left, right, l_out, _ = ctx.options
+        terms = []
+        if dx is not None:
+            terms.append(_masked_forward(dx, mask, weight, None, s, d, left, right))
+        if dmask is not None:
+            terms.append(_masked_forward(x, dmask, weight, None, s, d, left, right))
+        if dweight is not None:
+            terms.append(_masked_forward(x, mask, dweight, None, s, d, left, right))
+        if terms:
+            y = terms[0]
+            for term in terms[1:]:
+                y = y + term
+        else:
+            y = x.new_zeros(x.shape[0], l_out, mask.shape[1], weight.shape[0])
+        if dbias is not None:
+            y = y + dbias
+        return _as_output(y)
 
 
 def masked_shared_conv1d(
@@ -191,6 +285,10 @@ def masked_shared_conv1d(
     computed from the tap responses of ``x`` and the shifted masks (see the module
     documentation), in about
     ``D`` times fewer FLOPs and with no tensor of size ``B * T * D * L``. Zero padding.
+    Differentiable in ``x``, ``mask``, ``weight`` and ``bias`` (saving only the first three),
+    to any order; works under ``torch.func.vmap``, ``grad``, ``jvp`` (forward-mode AD, in
+    eager mode: not inside ``torch.compile``, which traces it in one graph) and their
+    compositions. :class:`MaskedSharedConv1d` is the layer.
 
     Args:
         x: ``(B, D, L)``, for example a text embedding with channels first.
@@ -219,7 +317,10 @@ def masked_shared_conv1d(
     """
     mask = _check_masked_args(x, mask, weight, bias)
     s, d, left, right = _resolve_options(weight, stride, padding, dilation)
-    return _MaskedSharedConv1d.apply(x, mask, weight, bias, s, d, left, right)
+    # torch.compile cannot trace a custom jvp (forward AD is then unavailable, as for any
+    # autograd.Function without one); eager calls get the class that has it
+    fn = _MaskedSharedConv1d if torch.compiler.is_compiling() else _MaskedSharedConv1dJvp
+    return fn.apply(x, mask, weight, bias, s, d, left, right)
 
 
 def naive_masked_shared_conv1d(
@@ -251,3 +352,132 @@ def naive_masked_shared_conv1d(
         dilation=dilation,
         groups=labels,
     )
+
+
+class MaskedSharedConv1d(nn.Module):
+    r"""One bank of ``F`` filters over ``T`` masked copies of a sequence, without the copies.
+
+    The layer form of :func:`masked_shared_conv1d`: for ``x`` of shape ``(B, D, L)`` and a
+    mask ``(B, T, L)``, it returns the convolution of every ``x * mask[:, t]`` with the same
+    ``(F, D, k)`` bank, ``T * F`` channels label-major, what
+    ``SharedConv1d(T * D, T * F, k, groups=T)`` gives on the masked tensor
+    ``(B, T * D, L)``, but without ever making that tensor. ``T`` is read from each mask,
+    so one layer serves any number of labels.
+
+    Args:
+        in_channels (int): :math:`D`, the channels of ``x``.
+        out_channels (int): :math:`F`, the filters of the shared bank (output channels per
+            label).
+        kernel_size (int): :math:`k`, the length of each filter.
+        stride (int, optional): stride of the convolution. Default: 1.
+        padding (int or str, optional): zero padding on both sides, or ``'valid'`` (none)
+            or ``'same'`` (output as long as the input, stride 1 only). Default: 0.
+        dilation (int, optional): spacing between kernel elements. Default: 1.
+        bias (bool, optional): if ``True``, adds a learnable bias of shape :math:`(F,)`,
+            shared by the labels. Default: ``True``.
+        device (torch.device, optional): where to create the parameters.
+        dtype (torch.dtype, optional): the floating-point type of the parameters.
+
+    Attributes:
+        weight (Tensor): the shared bank, :math:`(F, D, k)`, initialised from
+            :math:`U(-\sqrt{c}, \sqrt{c})` with :math:`c = 1 / (D k)`, as
+            ``nn.Conv1d(D, F, k)``.
+        bias (Tensor): the shared bias, :math:`(F,)`, initialised likewise.
+
+    Shape:
+        - ``x``: :math:`(B, D, L)`; ``mask``: :math:`(B, T, L)`, in ``x``'s dtype or bool.
+        - Output: :math:`(B, T \cdot F, L_{out})`, channel ``t * F + f`` being filter ``f``
+          on label ``t``, with
+
+          .. math::
+              L_{out} = \left\lfloor \frac{L + 2 \cdot \text{padding}
+                  - \text{dilation} \cdot (k - 1) - 1}{\text{stride}} + 1 \right\rfloor
+
+    Example::
+
+        >>> layer = MaskedSharedConv1d(64, 32, 5, padding=2)
+        >>> x = torch.randn(2, 64, 100)               # (B, D, L)
+        >>> mask = torch.rand(2, 500, 100) < 0.1      # (B, T, L)
+        >>> layer(x, mask).shape                      # (B, T * F, L)
+        torch.Size([2, 16000, 100])
+        >>> layer(x, mask).unflatten(1, (500, 32)).shape
+        torch.Size([2, 500, 32, 100])
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntOrTuple,
+        stride: _IntOrTuple = 1,
+        padding: _Padding = 0,
+        dilation: _IntOrTuple = 1,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        in_channels = _as_int(in_channels, f"{name}: in_channels must be an int")
+        out_channels = _as_int(out_channels, f"{name}: out_channels must be an int")
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value < 1:
+                raise ValueError(f"{name}: {arg} must be positive, got {value}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _as_tuple(kernel_size, 1, "kernel_size", minimum=1)
+        self.stride = _as_tuple(stride, 1, "stride", minimum=1)
+        self.padding = _normalize_padding(padding, 1, self.stride)
+        self.dilation = _as_tuple(dilation, 1, "dilation", minimum=1)
+        factory = {"device": device, "dtype": dtype}
+        shape = (out_channels, in_channels, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        r"""Initialise as ``nn.Conv1d(in_channels, out_channels, kernel_size)`` does.
+
+        The fan-in is ``in_channels * kernel_size``: weights and biases are drawn from
+        :math:`U(-1/\sqrt{\mathrm{fan\_in}}, 1/\sqrt{\mathrm{fan\_in}})`.
+        """
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            if fan_in:
+                bound = 1 / math.sqrt(fan_in)
+                init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The shared convolution of each ``x * mask[:, t]``: ``(B, T * F, L_out)``.
+
+        Args:
+            x: ``(B, D, L)``, in the parameters' dtype.
+            mask: ``(B, T, L)``, in that dtype too, or bool.
+        """
+        padding = self.padding if isinstance(self.padding, str) else self.padding[0]
+        return masked_shared_conv1d(x, mask, self.weight, self.bias, stride=self.stride[0],
+                                    padding=padding, dilation=self.dilation[0])
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        s += f", stride={self.stride}"
+        if self.padding != (0,):
+            s += f", padding={self.padding}"
+        if self.dilation != (1,):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
