@@ -4,10 +4,20 @@
     python3 dev.py test      run every test: package, notebooks (nbval), book build
     python3 dev.py book      build the book into _build/html
     python3 dev.py execute   re-run every notebook of the book in a fresh kernel, save outputs
+    python3 dev.py test-with PYTHON [pytest args]
+                             run the package tests with another environment's python
+                             (another torch or Python), set up by you; installs nothing
 
 Extra arguments after ``test`` go to pytest (``python3 dev.py test -k oracle``); after
 ``execute``, they name the notebooks to run (default: every notebook in _toc.yml).
 Needs only Python 3.10+ (and a network connection, or a local wheel cache, for pip).
+
+``test-with`` checks that PYTHON imports torch, pytest, nbval and the others the tests
+need, and this tree's ``sharedconv`` (``PYTHON -m pip install --no-deps -e .``), then runs
+``PYTHON -m pytest tests --ignore tests/test_book.py`` (the book's tests need Jupyter Book
+and build a wheel). Arguments that name files or folders replace ``tests``, so
+``python3 dev.py test-with PYTHON book/03_building_the_layer.ipynb`` runs that notebook in
+place under nbval in that environment; others (``-k oracle``, ``-x``) go to pytest.
 """
 
 from __future__ import annotations
@@ -74,12 +84,80 @@ def execute(paths: list[str]) -> None:
         nbformat.write(nb, path)
 
 
+#: What the package tests import besides the standard library (import names), and what
+#: running a notebook in place needs; test_release.py also runs `python -m build` and twine.
+TEST_IMPORTS = ("torch", "numpy", "matplotlib", "yaml", "pytest", "nbval", "ipykernel",
+                "build", "twine", "setuptools")
+
+_CHECK = """
+import importlib.util, json, sys
+missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
+info = {"missing": missing, "python": sys.version.split()[0]}
+if "torch" not in missing:
+    import torch
+    info["torch"] = torch.__version__
+    try:
+        import sharedconv
+        info["sharedconv"] = sharedconv.__file__
+    except ImportError as error:
+        info["sharedconv_error"] = str(error)
+print(json.dumps(info))
+"""
+
+
+def test_with(python: str, rest: list[str]) -> None:
+    """Run the package tests with ``python``, after checking what it can import."""
+    import json
+    import shutil
+
+    exe = shutil.which(python) or python
+    if not Path(exe).exists():
+        sys.exit(f"test-with: no python at {python!r}")
+    probe = subprocess.run([exe, "-c", _CHECK, *TEST_IMPORTS], cwd=ROOT,
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        sys.exit(f"test-with: {exe} failed to start:\n{probe.stderr}")
+    info = json.loads(probe.stdout.strip().splitlines()[-1])
+    source = ROOT / "src" / "sharedconv"
+    problems = []
+    if info["missing"]:
+        problems.append(f"it cannot import {', '.join(info['missing'])}")
+    if "sharedconv" in info and Path(info["sharedconv"]).resolve().parent != source:
+        problems.append(f"its sharedconv is {info['sharedconv']}, not this tree's")
+    elif "sharedconv_error" in info:
+        problems.append(f"it cannot import sharedconv ({info['sharedconv_error']})")
+    if problems:
+        sys.exit(
+            f"test-with: {exe} (Python {info['python']}): " + "; ".join(problems) + ".\n"
+            "Set it up with, for example:\n"
+            f"  {exe} -m pip install torch==VERSION "
+            "--index-url https://download.pytorch.org/whl/cpu\n"
+            f"  {exe} -m pip install numpy matplotlib pyyaml pytest nbval ipykernel "
+            "build twine 'setuptools>=77'\n"
+            f"  {exe} -m pip install --no-deps -e {ROOT}"
+        )
+    print(f"test-with: Python {info['python']}, torch {info['torch']}", flush=True)
+    # a path names what to run, unless it is the value of an option (--ignore PATH)
+    valued = {"--ignore", "--ignore-glob", "--deselect", "-k", "-m", "-p", "-o", "-c",
+              "--rootdir", "--basetemp", "--junitxml"}
+    named = [a for i, a in enumerate(rest) if not a.startswith("-") and (ROOT / a).exists()
+             and (i == 0 or rest[i - 1] not in valued)]
+    targets = [] if named else ["tests", "--ignore", "tests/test_book.py"]
+    _run(exe, "-m", "pytest", *targets, *rest)
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("test", "book", "execute", "_execute"):
+    if not argv or argv[0] not in ("test", "book", "execute", "_execute", "test-with"):
         sys.exit(__doc__)
     command, rest = argv[0], argv[1:]
     if command == "_execute":  # the second half of `execute`, inside the venv
         execute(rest)
+        return
+    if command == "test-with":  # another environment, as it is: nothing is installed
+        if not rest:
+            sys.exit("usage: python3 dev.py test-with PYTHON [pytest args]")
+        os.environ.setdefault("PYTHONHASHSEED", "0")
+        test_with(rest[0], rest[1:])
         return
     ensure_env()
     # Deterministic kernels and hash seeds for the notebooks and their checks.

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 import sharedconv
+from sharedconv import baselines, memory
 from sharedconv.memory import flops, op_counts, parameter_bytes, saved_tensors
+
+#: torch.func transforms accept saved-tensor hooks from torch 2.5 on
+FUNC_TAKES_HOOKS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 def test_saved_tensors_of_a_conv_is_its_input_and_weight():
@@ -29,6 +36,84 @@ def test_saved_tensors_counts_a_shared_storage_once():
 
 def test_saved_tensors_is_zero_without_grad():
     assert saved_tensors(lambda t: t.exp(), torch.randn(10)).nbytes == 0
+
+
+def _approaches(dim):
+    """(name, fn of x) for the layer, the tuned layer and every baseline of ``dim``."""
+    torch.manual_seed(dim)
+    G, D, F_out = 3, 2, 4
+    x = torch.randn(2, G * D, *(9, 8, 7)[:dim], requires_grad=True)
+    w = torch.randn(F_out, D, *(3,) * dim, requires_grad=True)
+    b = torch.randn(F_out, requires_grad=True)
+    shared = {1: sharedconv.SharedConv1d, 2: sharedconv.SharedConv2d, 3: sharedconv.SharedConv3d}
+    layer = shared[dim](G * D, G * F_out, 3, groups=G, padding=1)
+
+    def tuned(x):
+        with sharedconv.autotune():
+            return layer(x)
+
+    fns = {"shared_conv": lambda x: sharedconv.shared_conv(x, w, b, groups=G, padding=1),
+           "layer": layer, "tuned": tuned}
+    fns.update({name: (lambda x, fn=fn: fn(x, w, b, groups=G, padding=1))
+                for name, fn in baselines.BASELINES.items() if dim in baselines.DIMS[name]})
+    return x, [w, b, *layer.parameters()], fns
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_saved_tensors_on_the_graph_equal_the_hooks(dim):
+    """Reading the saved tensors off the autograd graph (what saved_tensors does where
+    torch.func refuses the hooks, before torch 2.5) gives the hooks' bytes and count."""
+    x, params, fns = _approaches(dim)
+    excluded = {memory._storage_key(t) for t in params}
+    for name, fn in fns.items():
+        by_graph = memory._saved_in_graph(fn(x), excluded)
+        if name == "vmap" and not FUNC_TAKES_HOOKS:
+            by_hooks = by_graph  # refused there: the case the graph is read for
+        else:
+            by_hooks = saved_tensors(fn, x, exclude=params)
+            assert by_hooks.method == "hooks"
+        assert by_graph.method == "graph"
+        assert (by_graph.nbytes, by_graph.count, by_graph.excluded_nbytes) == (
+            by_hooks.nbytes, by_hooks.count, by_hooks.excluded_nbytes), name
+        assert by_graph.nbytes >= x.numel() * x.element_size(), name  # the input, or a copy
+
+
+def test_saved_tensors_of_vmap_on_every_torch():
+    """torch.vmap's saved tensors are measured on every supported torch (read off the graph
+    where the hooks are refused) and are the moved copy of the input."""
+    x = torch.randn(2, 6, 10, requires_grad=True)
+    w, b = torch.randn(4, 2, 3), torch.randn(4)
+    report = saved_tensors(baselines.vmap, x, w, b, groups=3, exclude=(w, b))
+    assert report.nbytes == x.numel() * 4
+    assert report.method == ("hooks" if FUNC_TAKES_HOOKS else "graph")
+    beyond = saved_tensors(baselines.vmap, x, w, b, groups=3, exclude=(w, b, x))
+    assert beyond.nbytes == x.numel() * 4  # a copy, not the input itself
+
+
+def test_saved_tensors_falls_back_to_the_graph_when_hooks_are_refused(monkeypatch):
+    x, params, fns = _approaches(1)
+    expected = {n: saved_tensors(fn, x, exclude=params) for n, fn in fns.items()
+                if n != "vmap" or FUNC_TAKES_HOOKS}
+
+    @contextlib.contextmanager
+    def refused(pack, unpack):  # what torch.func transforms raised before torch 2.5
+        raise RuntimeError("torch.func transforms don't yet support saved tensor hooks. "
+                           "Please open an issue with your use case.")
+        yield
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", refused)
+    for name, report in expected.items():
+        got = saved_tensors(fns[name], x, exclude=params)
+        assert got.method == "graph"
+        assert (got.nbytes, got.count) == (report.nbytes, report.count), name
+
+
+def test_saved_tensors_does_not_swallow_other_errors():
+    def broken(x):
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        saved_tensors(broken, torch.randn(3, requires_grad=True))
 
 
 def test_flops_of_a_conv():

@@ -148,7 +148,9 @@ def loop(
     )
     d = weight.shape[1]
     outs = [
-        _CONV[n](x[:, g * d : (g + 1) * d], weight, bias, stride_t, padding_n, dilation_t)
+        # narrow, not x[:, a:b]: torch 2.4 also records the full slice of dim 0, and its
+        # backward would allocate a second input-sized zero tensor per group
+        _CONV[n](x.narrow(1, g * d, d), weight, bias, stride_t, padding_n, dilation_t)
         for g in range(groups)
     ]
     return _finish(torch.cat(outs, dim=1), batched)

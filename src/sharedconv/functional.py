@@ -43,7 +43,12 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def _as_int(value: object, what: str) -> int:
     """``value`` as a Python int: ints and integer scalars such as ``numpy.int64``, not bools."""
-    if isinstance(value, bool):  # numpy's bools have no __index__ and fail below
+    if isinstance(value, bool):
+        raise TypeError(f"{what}, got a bool ({value})")
+    # numpy's bools (numpy.bool_, named "bool" from numpy 2 on) are no ints either; before
+    # numpy 2.3 they still have a deprecated __index__, so they are refused by name
+    # (after the int test: torch.compile traces a plain int through this, not a type's name)
+    if type(value) is not int and type(value).__name__ in ("bool", "bool_"):
         raise TypeError(f"{what}, got a bool ({value})")
     try:
         return operator.index(value)  # type: ignore[arg-type]  # any __index__ will do

@@ -4,7 +4,8 @@ Timings depend on the machine; these do not. They are what the book prints and a
 
 - :func:`saved_tensors` records every tensor autograd keeps for the backward pass, through
   :func:`torch.autograd.graph.saved_tensors_hooks`, and adds up the storage it keeps alive
-  (a storage shared by several saved tensors is counted once).
+  (a storage shared by several saved tensors is counted once). Where the hooks are refused
+  (``torch.func`` transforms before torch 2.5), it reads the same tensors off the graph.
 - :func:`flops` counts floating-point operations with
   :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two).
 - :func:`op_counts` counts calls of ATen operators (``aten::convolution`` by default).
@@ -41,12 +42,28 @@ class SavedTensors:
         shapes: ``(shape, dtype)`` of each saved tensor, in the order they were saved.
         excluded_nbytes: bytes of saved storage that belongs to the ``exclude`` tensors
             (typically the module's parameters, which exist anyway), not in ``nbytes``.
+        method: ``"hooks"`` (saved-tensor hooks saw each tensor as it was saved) or
+            ``"graph"`` (read off the nodes of the output's autograd graph, where the
+            running torch refuses the hooks: then ``shapes`` is in graph order).
     """
 
     nbytes: int = 0
     count: int = 0
     shapes: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     excluded_nbytes: int = 0
+    method: str = "hooks"
+
+    def _add(self, t: Tensor, seen: set[tuple[str, int]], excluded: set[tuple[str, int]]) -> None:
+        self.count += 1
+        self.shapes.append((tuple(t.shape), t.dtype))
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            size = t.untyped_storage().nbytes()
+            if key in excluded:
+                self.excluded_nbytes += size
+            else:
+                self.nbytes += size
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:
@@ -62,6 +79,13 @@ def saved_tensors(
     ``module.parameters()``) are reported in ``excluded_nbytes`` instead of ``nbytes``.
     At least one input must require grad, or autograd saves nothing.
 
+    Before torch 2.5, ``torch.func`` transforms (``torch.vmap`` among them) refuse to run
+    under saved-tensor hooks. There ``fn`` is run again without them and the saved tensors
+    are read off the autograd graph of what it returns (the ``_saved_*`` tensors of every
+    node, and the ``saved_tensors`` of custom Functions): the tensors the graph keeps alive
+    for the backward, the same ones, so ``nbytes`` and ``count`` agree with the hooks'
+    (``method`` is then ``"graph"``). Only tensors reachable from the output are seen.
+
     Example::
 
         >>> conv = torch.nn.Conv1d(4, 8, 3)
@@ -75,20 +99,41 @@ def saved_tensors(
     seen: set[tuple[str, int]] = set()
 
     def pack(t: Tensor) -> Tensor:
-        report.count += 1
-        report.shapes.append((tuple(t.shape), t.dtype))
-        key = _storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            size = t.untyped_storage().nbytes()
-            if key in excluded:
-                report.excluded_nbytes += size
-            else:
-                report.nbytes += size
+        report._add(t, seen, excluded)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args, **kwargs)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*args, **kwargs)
+    except RuntimeError as error:
+        # torch 2.4: "torch.func transforms don't yet support saved tensor hooks"
+        if "support saved tensor hooks" not in str(error):
+            raise
+        return _saved_in_graph(fn(*args, **kwargs), excluded)
+    return report
+
+
+def _saved_in_graph(out: Any, excluded: set[tuple[str, int]]) -> SavedTensors:
+    """What the autograd graph of ``out`` saved for its backward, node by node."""
+    from torch.utils._pytree import tree_flatten
+
+    report = SavedTensors(method="graph")
+    seen: set[tuple[str, int]] = set()
+    stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    visited: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        values: list[Any] = [getattr(node, a) for a in dir(node) if a.startswith("_saved_")]
+        if hasattr(node, "saved_tensors"):  # a custom autograd.Function's ctx
+            values.append(node.saved_tensors)
+        for value in values:
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, Tensor):
+                    report._add(t, seen, excluded)
+        stack.extend(next_node for next_node, _ in node.next_functions)
     return report
 
 

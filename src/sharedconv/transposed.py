@@ -367,7 +367,7 @@ _OUT_SIZE = r"""
           .. math::
               {o}_{{out}} = ({o}_{{in}} - 1) \cdot \text{{stride}} - 2 \cdot \text{{padding}}
                   + \text{{dilation}} \cdot (\mathrm{{kernel\_size}} - 1)
-                  + \text{{output\_padding}} + 1
+                  + \mathrm{{output\_padding}} + 1
 """
 
 
