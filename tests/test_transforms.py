@@ -228,7 +228,8 @@ def test_jit_trace_records_one_convolution(dim):
     x = torch.randn(2, 6, *SIZES[dim], dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the checks read sizes
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's own notice
+        for category in (DeprecationWarning, FutureWarning):  # TorchScript's own notice
+            warnings.simplefilter("ignore", category)
         traced = torch.jit.trace(layer, (x,))
     kinds = [node.kind() for node in traced.inlined_graph.nodes()]
     assert sum(k in ("aten::_convolution", f"aten::conv{dim}d") for k in kinds) == 1, kinds
@@ -239,5 +240,6 @@ def test_jit_script_is_refused_as_the_api_page_says():
     api = (Path(__file__).resolve().parents[1] / "book" / "api.md").read_text()
     assert "TorchScript (`torch.jit.script`) is not" in api
     with warnings.catch_warnings(), pytest.raises(Exception, match="nn.Parameter"):
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's own notice
+        for category in (DeprecationWarning, FutureWarning):  # TorchScript's own notice
+            warnings.simplefilter("ignore", category)
         torch.jit.script(SHARED[1](4, 8, 3, groups=4))
