@@ -50,13 +50,13 @@ __all__ = [
 
 # Layout constants of the diagrams: one data unit is _UNIT inches, text is _FONT points.
 # Every text is at least 9 points, and a figure made here is at most _MAX_WIDTH inches
-# wide: a book page shows images up to 676 pixels wide, 6.7 inches at 100 dpi, and a
-# notebook saves a figure with 0.1 inch of padding on each side. A crossbar that would be
+# wide: a book page's figures are 660 pixels wide, 6.6 inches at 100 dpi, and a notebook
+# saves a figure with 0.1 inch of padding on each side (and text that overhangs). A crossbar that would be
 # wider is laid out again with a smaller unit (down to _UNITS[-1]), its texts keeping
 # their size; only a diagram asked to draw many channels (max_channels) can be wider.
 _UNIT = 0.45
-_UNITS = (0.45, 0.42, 0.39, 0.36, 0.33, 0.3)
-_MAX_WIDTH = 6.5
+_UNITS = (0.45, 0.42, 0.39, 0.36, 0.33, 0.3, 0.28)
+_MAX_WIDTH = 6.4
 _FONT = 9
 _TITLE_FONT = 11
 _EM = 0.62  # average width of one character, in ems
@@ -613,7 +613,7 @@ def draw_layer(
         layer: an ``nn.Conv1d/2d/3d`` or a ``sharedconv.SharedConv1d/2d/3d`` (any groups;
             parameters may be on any device, including ``meta``: only shapes are read).
         ax: matplotlib Axes to draw into; by default a new figure sized to the diagram,
-            at most 6.5 inches wide with the default ``max_channels`` (a wide layout is
+            at most 6.4 inches wide with the default ``max_channels`` (a wide layout is
             drawn with less space between its parts; texts stay at 9 points or more).
             Pass an Axes only if it is large enough for the diagram.
         max_channels: most input channels, and most output channels, drawn (at least 2).
@@ -721,7 +721,7 @@ def draw_scheme(
         in_channels: input channels (at least 1).
         out_channels: output channels, one kernel each (at least 1).
         ax: matplotlib Axes to draw into; by default a new figure sized to the diagram,
-            at most 6.5 inches wide with the default ``max_channels``.
+            at most 6.4 inches wide with the default ``max_channels``.
         kernel_size: side of the square kernels (for the weight shape and parameter count).
         max_channels: most input, and most output, channels drawn (at least 2).
         title: title above the diagram; by default a description of the scheme.
