@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -65,3 +67,26 @@ def assert_matches_grouped_conv(layer, x: torch.Tensor, **tol) -> None:
     torch.testing.assert_close(layer.weight.grad, bank_grads.sum(0), **tol)
     if layer.bias is not None:
         torch.testing.assert_close(layer.bias.grad, conv.bias.grad.view(G, -1).sum(0), **tol)
+
+
+def assert_drawn_like(layer: nn.Module, conv: nn.Module, bound: float) -> None:
+    """``layer``'s weight and bias are drawn as ``conv``'s: from U(-bound, bound).
+
+    Both stay within the bound; the shared weight uses the whole interval and has the
+    uniform's mean and variance (5-sigma bands) and ``conv``'s quantiles.
+    """
+    for ours, theirs in ((layer.weight, conv.weight), (layer.bias, conv.bias)):
+        assert ours.abs().max() <= bound
+        assert theirs.abs().max() <= bound
+    w = layer.weight.detach().flatten()
+    assert w.abs().max() > 0.98 * bound  # the whole interval is used, not a narrower one
+    # Uniform on (-b, b): mean 0, variance b^2 / 3
+    n = w.numel()
+    assert abs(w.mean().item()) < 5 * bound / math.sqrt(3 * n)
+    assert abs(w.var().item() / (bound**2 / 3) - 1) < 5 * math.sqrt(0.8 / n)
+    # the two layers' weights are indistinguishable in distribution (quantiles)
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    torch.testing.assert_close(
+        torch.quantile(w, q), torch.quantile(conv.weight.detach().flatten(), q),
+        rtol=0, atol=0.05 * bound,
+    )

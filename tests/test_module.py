@@ -10,7 +10,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import CONV, KERNELS, SHARED, SIZES, assert_matches_grouped_conv, tied_conv
+from conftest import (
+    CONV,
+    KERNELS,
+    SHARED,
+    SIZES,
+    assert_drawn_like,
+    assert_matches_grouped_conv,
+    tied_conv,
+)
 from torch import nn
 
 import sharedconv
@@ -64,21 +72,7 @@ def test_initialisation_matches_nn_conv(dim):
     conv = CONV[dim](G * D, G * F_out, k, groups=G)
     fan_in = D * math.prod(k)
     bound = 1 / math.sqrt(fan_in)
-    for ours, theirs in ((layer.weight, conv.weight), (layer.bias, conv.bias)):
-        assert ours.abs().max() <= bound
-        assert theirs.abs().max() <= bound
-    w = layer.weight.detach().flatten()
-    assert w.abs().max() > 0.98 * bound  # the whole interval is used, not a narrower one
-    # Uniform on (-b, b): mean 0, variance b^2 / 3 (n = 64*6*9 = 3456 draws: 5 sigma bands).
-    n = w.numel()
-    assert abs(w.mean().item()) < 5 * bound / math.sqrt(3 * n)
-    assert abs(w.var().item() / (bound**2 / 3) - 1) < 5 * math.sqrt(0.8 / n)
-    # the two layers' weights are indistinguishable in distribution (quantiles)
-    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
-    torch.testing.assert_close(
-        torch.quantile(w, q), torch.quantile(conv.weight.detach().flatten(), q),
-        rtol=0, atol=0.05 * bound,
-    )
+    assert_drawn_like(layer, conv, bound)  # n = 64*6*9 = 3456 draws
 
 
 def test_reset_parameters_redraws():

@@ -51,9 +51,10 @@ __all__ = [
 # Layout constants of the diagrams: one data unit is _UNIT inches, text is _FONT points.
 # Every text is at least 9 points, and a figure made here is at most _MAX_WIDTH inches
 # wide: a book page's figures are 660 pixels wide, 6.6 inches at 100 dpi, and a notebook
-# saves a figure with 0.1 inch of padding on each side (and text that overhangs). A crossbar that would be
-# wider is laid out again with a smaller unit (down to _UNITS[-1]), its texts keeping
-# their size; only a diagram asked to draw many channels (max_channels) can be wider.
+# saves a figure with 0.1 inch of padding on each side (and text that overhangs). A
+# crossbar that would be wider is laid out again with a smaller unit (down to
+# _UNITS[-1]), its texts keeping their size; only a diagram asked to draw many channels
+# (max_channels) can be wider.
 _UNIT = 0.45
 _UNITS = (0.45, 0.42, 0.39, 0.36, 0.33, 0.3, 0.28)
 _MAX_WIDTH = 6.4

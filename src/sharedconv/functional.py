@@ -20,6 +20,7 @@ shape; see :mod:`sharedconv.tuning`.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -81,6 +82,38 @@ def _check_groups(groups: int) -> int:
     if groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups}")
     return groups
+
+
+def _check_channels(in_channels: int, out_channels: int, groups: int, who: str
+                    ) -> tuple[int, int, int]:
+    """A layer's channel counts and groups, validated: positive ints, groups dividing both."""
+    in_channels = _as_int(in_channels, f"{who}: in_channels must be an int")
+    out_channels = _as_int(out_channels, f"{who}: out_channels must be an int")
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value < 1:
+            raise ValueError(f"{who}: {arg} must be positive, got {value}")
+    groups = _check_groups(groups)
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value % groups:
+            raise ValueError(
+                f"{who}: {arg} must be divisible by groups, got {arg}={value} and "
+                f"groups={groups}"
+            )
+    return in_channels, out_channels, groups
+
+
+def _reset_like_conv(weight: Tensor, bias: Tensor | None) -> None:
+    """``nn.ConvNd``'s initialisation: weight and bias from U(-1/sqrt(fan_in), ...).
+
+    The fan-in is read from ``weight`` as PyTorch reads it (``size(1) * prod(kernel)``),
+    which for a shared bank is the fan-in of the layer it replaces.
+    """
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(weight)
+        if fan_in:
+            bound = 1 / math.sqrt(fan_in)
+            torch.nn.init.uniform_(bias, -bound, bound)
 
 
 def _check_padding_mode(padding_mode: str) -> str:

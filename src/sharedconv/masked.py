@@ -28,22 +28,21 @@ their compositions.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import init
 
 from .functional import (
-    _as_int,
     _as_tuple,
+    _check_channels,
     _check_weight,
     _explicit_padding,
     _IntOrTuple,
     _normalize_padding,
     _Padding,
+    _reset_like_conv,
 )
 
 __all__ = ["MaskedSharedConv1d", "masked_shared_conv1d", "naive_masked_shared_conv1d"]
@@ -427,11 +426,7 @@ class MaskedSharedConv1d(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        in_channels = _as_int(in_channels, f"{name}: in_channels must be an int")
-        out_channels = _as_int(out_channels, f"{name}: out_channels must be an int")
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if value < 1:
-                raise ValueError(f"{name}: {arg} must be positive, got {value}")
+        in_channels, out_channels, _ = _check_channels(in_channels, out_channels, 1, name)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _as_tuple(kernel_size, 1, "kernel_size", minimum=1)
@@ -453,12 +448,7 @@ class MaskedSharedConv1d(nn.Module):
         The fan-in is ``in_channels * kernel_size``: weights and biases are drawn from
         :math:`U(-1/\sqrt{\mathrm{fan\_in}}, 1/\sqrt{\mathrm{fan\_in}})`.
         """
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-            if fan_in:
-                bound = 1 / math.sqrt(fan_in)
-                init.uniform_(self.bias, -bound, bound)
+        _reset_like_conv(self.weight, self.bias)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """The shared convolution of each ``x * mask[:, t]``: ``(B, T * F, L_out)``.

@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import init
 
 from .functional import (
-    _as_int,
     _as_tuple,
+    _check_channels,
     _check_groups,
     _check_input,
     _check_padding_mode,
@@ -25,6 +24,7 @@ from .functional import (
     _IntOrTuple,
     _normalize_padding,
     _Padding,
+    _reset_like_conv,
 )
 
 __all__ = ["SharedConv1d", "SharedConv2d", "SharedConv3d"]
@@ -111,22 +111,8 @@ class _SharedConvNd(nn.Module):
         super().__init__()
         n = self._dim
         name = type(self).__name__
-        in_channels = _as_int(in_channels, f"{name}: in_channels must be an int")
-        out_channels = _as_int(out_channels, f"{name}: out_channels must be an int")
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if value < 1:
-                raise ValueError(f"{name}: {arg} must be positive, got {value}")
-        groups = _check_groups(groups)
-        if in_channels % groups:
-            raise ValueError(
-                f"{name}: in_channels must be divisible by groups, got in_channels="
-                f"{in_channels} and groups={groups}"
-            )
-        if out_channels % groups:
-            raise ValueError(
-                f"{name}: out_channels must be divisible by groups, got out_channels="
-                f"{out_channels} and groups={groups}"
-            )
+        in_channels, out_channels, groups = _check_channels(in_channels, out_channels, groups,
+                                                            name)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _as_tuple(kernel_size, n, "kernel_size", minimum=1)
@@ -294,12 +280,7 @@ class _SharedConvNd(nn.Module):
         :math:`U(-1/\\sqrt{\\mathrm{fan\\_in}}, 1/\\sqrt{\\mathrm{fan\\_in}})` and their biases
         from the same interval.
         """
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-            if fan_in:
-                bound = 1 / math.sqrt(fan_in)
-                init.uniform_(self.bias, -bound, bound)
+        _reset_like_conv(self.weight, self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         """The shared convolution of ``input``, of shape ``(N, C_in, *S)`` or ``(C_in, *S)``.

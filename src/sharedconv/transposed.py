@@ -13,22 +13,21 @@ convolution keeps PyTorch's transposed weight layout: input channels first.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import init
 
 from .functional import (
     _as_int,
     _as_tuple,
-    _check_groups,
+    _check_channels,
     _check_input,
     _IntOrTuple,
     _output_format,
+    _reset_like_conv,
 )
 
 __all__ = ["SharedConvTranspose1d", "SharedConvTranspose2d", "SharedConvTranspose3d"]
@@ -196,22 +195,8 @@ class _SharedConvTransposeNd(nn.Module):
         super().__init__()
         n = self._dim
         name = type(self).__name__
-        in_channels = _as_int(in_channels, f"{name}: in_channels must be an int")
-        out_channels = _as_int(out_channels, f"{name}: out_channels must be an int")
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if value < 1:
-                raise ValueError(f"{name}: {arg} must be positive, got {value}")
-        groups = _check_groups(groups)
-        if in_channels % groups:
-            raise ValueError(
-                f"{name}: in_channels must be divisible by groups, got in_channels="
-                f"{in_channels} and groups={groups}"
-            )
-        if out_channels % groups:
-            raise ValueError(
-                f"{name}: out_channels must be divisible by groups, got out_channels="
-                f"{out_channels} and groups={groups}"
-            )
+        in_channels, out_channels, groups = _check_channels(in_channels, out_channels, groups,
+                                                            name)
         if padding_mode != "zeros":
             raise ValueError(
                 f"{name}: padding_mode must be 'zeros', the only mode nn.ConvTranspose{n}d "
@@ -263,12 +248,7 @@ class _SharedConvTransposeNd(nn.Module):
         their weights from :math:`U(-1/\\sqrt{\\mathrm{fan\\_in}}, 1/\\sqrt{\\mathrm{fan\\_in}})`
         and their biases from the same interval.
         """
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-            if fan_in:
-                bound = 1 / math.sqrt(fan_in)
-                init.uniform_(self.bias, -bound, bound)
+        _reset_like_conv(self.weight, self.bias)
 
     def forward(self, input: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
         """The shared transposed convolution of ``input``, ``(N, C_in, *S)`` or ``(C_in, *S)``.
