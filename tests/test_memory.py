@@ -187,3 +187,99 @@ def test_op_counts_under_vmap_counts_one_call():
         return torch.vmap(lambda xg: F.conv1d(xg, w), in_dims=1, out_dims=1)(x[:, :, None])
 
     assert op_counts(vmapped, x) == {"aten::convolution": 1}
+
+
+# ----------------------------------------------------------------------------- step_cost
+
+
+def _shared(shape, device):
+    B, G, D, L, F_, k = shape
+    x = torch.randn(B, G * D, L, device=device, requires_grad=True)
+    w = torch.randn(F_, D, k, device=device, requires_grad=True)
+    b = torch.randn(F_, device=device, requires_grad=True)
+    return x, w, b
+
+
+@pytest.mark.parametrize("name", ["layer", *baselines.BASELINES])
+def test_step_cost_on_meta_equals_the_cost_on_the_cpu(name):
+    fn = {"layer": sharedconv.functional.shared_conv, **baselines.BASELINES}[name]
+    shape = (2, 4, 3, 16, 5, 3)
+    costs = []
+    for device in ("meta", "cpu"):
+        x, w, b = _shared(shape, device)
+        costs.append(memory.step_cost(lambda x, w, b: fn(x, w, b, groups=4, padding=1),
+                                      x, w, b, params=(w, b)))
+    assert costs[0] == costs[1]
+
+
+def test_step_cost_of_the_fold_by_hand():
+    """One convolution: reads x, w, b and writes y; its backward reads the output gradient,
+    x and w, and writes the three gradients. The peak is y and the gradients."""
+    B, G, D, L, F_, k = shape = (2, 8, 1, 32, 4, 5)
+    x, w, b = _shared(shape, "meta")
+    cost = memory.step_cost(lambda x, w, b: baselines.fold(x, w, b, groups=G, padding=2),
+                            x, w, b, params=(w, b))
+    nx, nw, nb, ny = (4 * n for n in (B * G * D * L, F_ * D * k, F_, B * G * F_ * L))
+    assert cost.forward_flops == 2 * B * G * F_ * L * D * k
+    assert cost.flops == 3 * cost.forward_flops
+    assert cost.moved_bytes == 3 * nx + 3 * nw + 2 * nb + 2 * ny
+    assert cost.peak_bytes == ny + nx + nw + nb
+    assert cost.saved_bytes == nx  # the bank is a parameter, excluded
+    assert cost.param_bytes == nw + nb
+    assert cost.intensity == cost.flops / cost.moved_bytes
+
+
+def test_step_cost_counts_grouped_gradients_once():
+    """torch's formula counts a grouped convolution's weight gradient G times; the step's
+    FLOPs of a grouped convolution with repeated banks equal the fold's."""
+    shape = (2, 16, 2, 32, 4, 3)
+    x, w, b = _shared(shape, "meta")
+    fold, repeat = (
+        memory.step_cost(lambda x, w, b, fn=fn: fn(x, w, b, groups=16, padding=1), x, w, b,
+                         params=(w, b))
+        for fn in (baselines.fold, baselines.grouped_repeat))
+    assert fold.flops == repeat.flops == 3 * fold.forward_flops
+    assert flops(lambda x: baselines.grouped_repeat(x, w, b, groups=16), x,
+                 backward=True) == 3 * fold.forward_flops * 30 // 32  # valid padding
+
+
+def test_step_cost_sees_the_copies_each_approach_makes():
+    B, G, D, L, F_, k = shape = (2, 8, 1, 32, 4, 5)
+    x, w, b = _shared(shape, "meta")
+    costs = {name: memory.step_cost(lambda x, w, b, fn=fn: fn(x, w, b, groups=G, padding=2),
+                                    x, w, b, params=(w, b))
+             for name, fn in baselines.BASELINES.items()}
+    nx, ny = 4 * B * G * D * L, 4 * B * G * F_ * L
+    fold = costs["fold"]
+    # the lift copies its output once, out of the Conv2d's filter-major layout
+    assert costs["lift"].moved_bytes == fold.moved_bytes + 2 * ny
+    # vmap moves the groups first: a copy of the input, of the output, of its gradient
+    assert costs["vmap"].moved_bytes == fold.moved_bytes + 2 * nx + 4 * ny
+    # the grouped convolutions save the G copies of the bank for their backward
+    assert costs["grouped_repeat"].saved_bytes == fold.saved_bytes + 4 * G * F_ * D * k
+    # the loop's backward makes one input-sized zero gradient per group
+    assert costs["loop"].moved_bytes > G * nx
+    assert len({c.flops for c in costs.values()}) == 1
+
+
+def test_step_cost_releases_what_the_step_frees():
+    """The peak sees temporaries that die before the end: a big intermediate counts."""
+    x = torch.randn(1000, device="meta", requires_grad=True)
+    cost = memory.step_cost(lambda x: x.repeat(100).sum(), x)
+    assert cost.peak_bytes >= 4 * 100_000
+    assert cost.moved_bytes >= 2 * 4 * 100_000
+
+
+def test_step_cost_of_vmap_where_hooks_are_refused(monkeypatch):
+    x, w, b = _shared((2, 4, 1, 16, 3, 3), "cpu")
+    expected = memory.step_cost(lambda x: baselines.vmap(x, w, b, groups=4), x,
+                                params=(w, b))
+    real = torch.autograd.graph.saved_tensors_hooks
+
+    class Refused(real):  # as torch 2.4 refuses hooks inside torch.func transforms
+        def __enter__(self):
+            raise RuntimeError("torch.func transforms don't yet support saved tensor hooks")
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", Refused)
+    assert memory.step_cost(lambda x: baselines.vmap(x, w, b, groups=4), x,
+                            params=(w, b)) == expected

@@ -11,6 +11,10 @@ Timings depend on the machine; these do not. They are what the book prints and a
 - :func:`op_counts` counts calls of ATen operators (``aten::convolution`` by default).
 - :func:`largest_tensor` finds the largest tensor any operator produced, forward and
   backward, to prove that a computation never materialises some big intermediate.
+- :func:`step_cost` gives all of one training step at once: FLOPs, the bytes its
+  operators move, the bytes saved for the backward, the peak of what it allocates, the
+  parameter bytes. It runs on ``meta`` tensors too, so shapes too large for the machine
+  (a 13.58 GiB input) cost nothing to count.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ __all__ = [
     "op_counts",
     "largest_tensor",
     "parameter_bytes",
+    "StepCost",
+    "step_cost",
 ]
 
 
@@ -67,7 +73,28 @@ class SavedTensors:
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+    # the storage object's own address, not its data pointer: meta tensors have none
+    return (str(t.device), t.untyped_storage()._cdata)
+
+
+def _conv_backward_flop(grad_out_shape: Any, x_shape: Any, w_shape: Any, bias_sizes: Any,
+                        stride: Any, padding: Any, dilation: Any, transposed: bool,
+                        output_padding: Any, groups: int, output_mask: Sequence[bool],
+                        **kwargs: Any) -> int:
+    """FLOPs of ``aten.convolution_backward``: each gradient asked for is a convolution
+    with the forward's multiply-adds. (torch's own formula, as of 2.13, counts the weight
+    gradient of a grouped convolution ``groups`` times over.)"""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _flop_counter() -> Any:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten.convolution_backward: _conv_backward_flop})
 
 
 def saved_tensors(
@@ -144,10 +171,9 @@ def flops(
 
     The backward is run with ``out.sum().backward()``; the sum itself costs no counted FLOPs
     (FlopCounterMode counts matrix products and convolutions, the operations that dominate).
+    Each gradient of a convolution counts the forward's FLOPs, grouped or not.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with _flop_counter() as counter:
         out = fn(*args, **kwargs)
         if backward:
             out.sum().backward()
@@ -224,3 +250,144 @@ def parameter_bytes(module: nn.Module, with_grad: bool = True) -> int:
     """Bytes of ``module``'s parameters, doubled for their gradients when ``with_grad``."""
     total = sum(p.numel() * p.element_size() for p in module.parameters())
     return 2 * total if with_grad else total
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Exact costs of one training step: a forward, then a backward of a fixed gradient.
+
+    Attributes:
+        forward_flops: FLOPs of the forward (a multiply-add counts as two).
+        flops: FLOPs of forward and backward together.
+        moved_bytes: bytes the step's operators read and write, with each operator
+            reading every tensor argument once and writing every tensor it produces or
+            modifies once; views move nothing, and an expanded tensor is read as its
+            storage. A model of memory traffic with no cache between operators.
+        saved_bytes: bytes autograd keeps from the forward for the backward, parameters
+            excluded.
+        peak_bytes: the most bytes of storage the step holds at once, on top of the
+            inputs, the parameters and the output gradient that exist before it.
+        param_bytes: bytes of the parameters it trains.
+    """
+
+    forward_flops: int
+    flops: int
+    moved_bytes: int
+    saved_bytes: int
+    peak_bytes: int
+    param_bytes: int
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOPs per byte moved: where the step sits on a roofline."""
+        return self.flops / self.moved_bytes
+
+
+def _traffic_mode() -> Any:
+    """A dispatch mode that adds up bytes moved and tracks the live bytes it allocated."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    def nbytes(t: Tensor) -> int:  # an expanded view reads no more than its storage
+        return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+    class _Traffic(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moved = self.live = self.peak = 0
+            self._refs: dict[int, Any] = {}
+
+        def _free(self, key: int, size: int) -> None:
+            self.live -= size
+            self._refs.pop(key, None)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            out = func(*args, **(kwargs or {}))
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+            known = {t.untyped_storage()._cdata for t in ins}
+            made = []
+            for t in (t for t in tree_flatten(out)[0] if isinstance(t, Tensor)):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key in known or key in self._refs:
+                    continue  # a view, or a storage seen already
+                made.append(t)
+                size = storage.nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                # the storage's Python object lives as long as the storage does
+                self._refs[key] = weakref.ref(
+                    storage, lambda _, key=key, size=size: self._free(key, size))
+            written = [a for a, arg in zip(args, func._schema.arguments, strict=False)
+                       if isinstance(a, Tensor) and arg.alias_info is not None
+                       and arg.alias_info.is_write]
+            if made or written:
+                self.moved += sum(nbytes(t) for t in ins if not any(t is w for w in written))
+                self.moved += sum(nbytes(t) for t in made + written)
+            return out
+
+    return _Traffic()
+
+
+def step_cost(
+    fn: Callable[..., Tensor], *inputs: Tensor, params: Sequence[Tensor] = ()
+) -> StepCost:
+    """Count one training step of ``fn(*inputs)``: forward, then backward of ``ones``.
+
+    The backward computes the gradient of every input and parameter that requires one, as
+    a step from zero gradients does (nothing is added into ``.grad``).
+
+    ``params`` are the tensors it trains besides the inputs (their bytes are
+    ``param_bytes``, and what autograd saves of them is not counted as saved). Everything
+    is counted through dispatch modes, :class:`~torch.utils.flop_counter.FlopCounterMode`
+    for the FLOPs and :func:`torch.autograd.graph.saved_tensors_hooks` for the saved
+    bytes, so the counts are exact and the same on every machine. With inputs on the
+    ``meta`` device nothing is computed or allocated, and any shape can be counted.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 100, device="meta", requires_grad=True)
+        >>> w = torch.randn(16, 1, 5, device="meta", requires_grad=True)
+        >>> cost = step_cost(lambda x, w: F.conv1d(x.view(32, 1, 100), w), x, w)
+        >>> cost.forward_flops == 2 * 32 * 16 * 96 * 5, cost.flops == 3 * cost.forward_flops
+        (True, True)
+    """
+    excluded = {_storage_key(t) for t in params}
+    saved = SavedTensors()
+    seen: set[tuple[str, int]] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        saved._add(t, seen, excluded)
+        return t
+
+    traffic = _traffic_mode()
+    forward_counter, backward_counter = _flop_counter(), _flop_counter()
+    try:
+        with forward_counter, traffic, torch.autograd.graph.saved_tensors_hooks(
+                pack, lambda t: t):
+            out = fn(*inputs)
+    except RuntimeError as error:
+        # torch 2.4: "torch.func transforms don't yet support saved tensor hooks"
+        if "support saved tensor hooks" not in str(error):
+            raise
+        traffic = _traffic_mode()
+        with forward_counter, traffic:
+            out = fn(*inputs)
+        saved = _saved_in_graph(out, excluded)
+    grad = torch.ones_like(out)  # made outside the modes: it exists before the step
+    leaves = [t for t in (*inputs, *params) if t.requires_grad]
+    with backward_counter, traffic:
+        # the gradients are returned, not added into .grad: a step from zero gradients
+        grads = torch.autograd.grad(out, leaves, grad)
+        del out, grads
+    forward = forward_counter.get_total_flops()
+    return StepCost(
+        forward_flops=forward,
+        flops=forward + backward_counter.get_total_flops(),
+        moved_bytes=traffic.moved,
+        saved_bytes=saved.nbytes,
+        peak_bytes=traffic.peak,
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+    )
