@@ -59,8 +59,9 @@ def test_the_wheel_holds_the_package_its_data_and_licences_not_the_tests(dist):
     assert f"sharedconv-{sharedconv.__version__}.dist-info/licenses/LICENSE-BOOK" in names
     assert "sharedconv/py.typed" in names
     stored = {n for n in names if n.startswith("sharedconv/results/") and n.endswith(".json")}
-    on_disk = {f"sharedconv/results/{p.name}" for p in (ROOT / "src/sharedconv/results").glob(
-        "*.json")}
+    results = ROOT / "src/sharedconv/results"
+    on_disk = {f"sharedconv/results/{p.relative_to(results).as_posix()}"
+               for p in results.rglob("*.json")}
     assert stored == on_disk and stored  # the runs the chapters read at run time
     modules = {n for n in names if n.endswith(".py")}
     assert {f"sharedconv/{p.name}" for p in (ROOT / "src/sharedconv").glob("*.py")} == modules
@@ -88,12 +89,12 @@ def test_the_wheel_installs_into_a_fresh_environment_and_imports(dist, tmp_path)
     (Path(site.stdout.strip()) / "torch-from-tests.pth").write_text(f"{torch_dir}\n")
     probe = (
         "import json, importlib.metadata, torch, sharedconv\n"
-        "from sharedconv import bench\n"
+        "from sharedconv import bench, roofline\n"
         "layer = sharedconv.SharedConv1d(4, 4 * 3, 3, groups=4)\n"
         "y = layer(torch.randn(2, 4, 10))\n"
         "print(json.dumps({'file': sharedconv.__file__, 'version': sharedconv.__version__,\n"
         "  'dist': importlib.metadata.version('sharedconv'), 'shape': list(y.shape),\n"
-        "  'runs': len(bench.stored_runs())}))\n"
+        "  'runs': len(bench.stored_runs()), 'rooflines': len(roofline.stored_runs())}))\n"
     )
     result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
                             cwd=tmp_path)
@@ -103,3 +104,5 @@ def test_the_wheel_installs_into_a_fresh_environment_and_imports(dist, tmp_path)
     assert seen["version"] == seen["dist"] == sharedconv.__version__
     assert seen["shape"] == [2, 12, 8]  # no padding: 10 - 3 + 1
     assert seen["runs"] == len(list((ROOT / "src/sharedconv/results").glob("*.json")))
+    rooflines = list((ROOT / "src/sharedconv/results/roofline").glob("*.json"))
+    assert seen["rooflines"] == len(rooflines) > 0

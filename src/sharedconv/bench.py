@@ -34,7 +34,8 @@ import torch
 
 from .memory import flops, saved_tensors
 
-__all__ = ["Approach", "Case", "main", "run_case", "describe_allocator", "SUITES"]
+__all__ = ["Approach", "Case", "main", "run_case", "compare", "page_faults",
+           "describe_allocator", "SUITES"]
 
 TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 
@@ -224,8 +225,13 @@ def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
             "choices": choices}
 
 
-def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> dict[str, Any]:
-    """Check, measure and time every approach of ``case``; return its JSON record."""
+def run_case(case: Case, device: torch.device, rounds: int, min_time: float,
+             kinds: tuple[str, ...] = ("forward", "forward_backward")) -> dict[str, Any]:
+    """Check, measure and time every approach of ``case``; return its JSON record.
+
+    ``kinds`` are the passes timed: ``"forward"`` (under ``no_grad``) and
+    ``"forward_backward"`` (a training step); a forward-only case times its forward only.
+    """
     outputs = {}
     tuned = {a.name: _tune(a, device) for a in case.approaches if a.tuned}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -274,7 +280,7 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float) -> 
             torch.cuda.synchronize(device)
             entry["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         record["approaches"][a.name] = entry
-    for kind in ("forward",) if case.forward_only else ("forward", "forward_backward"):
+    for kind in ("forward",) if case.forward_only else kinds:
         times = _time_interleaved(case.approaches, kind, rounds, min_time, device)
         for name, seconds in times.items():
             record["approaches"][name][f"{kind}_s"] = seconds
@@ -452,6 +458,70 @@ SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
     "groups": groups_cases,
     "masked": masked_cases,
 }
+
+
+def compare(
+    shape: dict[str, int],
+    approaches: tuple[str, ...],
+    device: str | torch.device = "cpu",
+    *,
+    rounds: int = 5,
+    min_time: float = 0.05,
+    kinds: tuple[str, ...] = ("forward_backward",),
+) -> dict[str, Any]:
+    """Time some approaches of the streams and groups suites at one shape, interleaved.
+
+    ``shape`` has the keys ``B, G, D, L, F, k``; ``approaches`` names any of ``layer``,
+    ``tuned``, ``only_grouped``, ``only_unfold`` (where the tuner has that strategy for the
+    shape) and the baselines. Returns the record :func:`run_case` returns: per approach
+    the median seconds of each pass in ``kinds`` and its ratio to the layer (which is
+    always timed), the exact FLOPs and saved bytes, and the tuner's choices for ``tuned``.
+    """
+    device = torch.device(device)
+    (case,) = _shared_cases("compare", [dict(shape)], device, torch.float32)
+    known = {a.name for a in case.approaches}
+    unknown = [name for name in approaches if name not in known]
+    if unknown:
+        raise ValueError(f"approaches must be among {sorted(known)} for this shape, "
+                         f"got {unknown}")
+    case.approaches = [a for a in case.approaches
+                       if a.name == "layer" or a.name in approaches]
+    return run_case(case, device, rounds, min_time, kinds)
+
+
+def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
+    """Minor page faults and seconds per forward of the fold, under glibc's two settings.
+
+    Runs ``forwards`` forward passes of the fold on ``B = 8`` samples of 64 streams of
+    length 512 (16 filters of width 5; each output is 4 MiB) in two fresh processes,
+    with glibc's default tunables and with :data:`TUNED_ENV`, and returns
+    ``{"default": (faults, seconds), "tuned": (faults, seconds)}``: the faults counted
+    by ``getrusage`` over the timed forwards, after one warm-up forward. Empty where the C
+    library is not glibc, whose tunables these are.
+    """
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        return {}
+    probe = (
+        "import resource, sys, time, torch\n"
+        "from sharedconv import baselines\n"
+        "x, w = torch.randn(8, 64, 512), torch.randn(16, 1, 5)\n"
+        "baselines.fold(x, w, None, groups=64, padding=2)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "start = time.perf_counter()\n"
+        f"for _ in range({forwards}):\n"
+        "    baselines.fold(x, w, None, groups=64, padding=2)\n"
+        "seconds = (time.perf_counter() - start) / " + str(forwards) + "\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, seconds)\n"
+    )
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = {}
+    for name, env in (("default", plain), ("tuned", {**plain, **TUNED_ENV})):
+        out = subprocess.run([sys.executable, "-c", probe], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        result[name] = (int(out[0]), float(out[1]))
+    return result
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

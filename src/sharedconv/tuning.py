@@ -29,6 +29,12 @@ calls with that key reuse it. The strategies are
     (``im2col``), processed a few samples at a time so that the windows stay in the
     CPU's level-2 cache (its size is read from the operating system).
 
+Why the fold is not always fastest: on a CPU its convolution runs in oneDNN, whose kernels
+block channels by the vector width (16 float32 with AVX-512, 8 with AVX2) and are built
+for convolutions that mix many channels; with one channel per group they are thin, and
+the grouped or unfolded strategies can beat them. Which one does changes with the
+instruction set and the shape (``MAINTAINERS.md`` in the repository has the details).
+
 When gradients are needed, the forward, the input gradient and the weight gradient are
 chosen *each by its own timing* (the backward parts on the first backward pass, with the
 real output gradient), so a step may run its forward one way and its backward another.

@@ -1,0 +1,350 @@
+"""Rooflines: what a device can move and compute, and where each approach lands under it.
+
+A training step that computes :math:`W` FLOPs and moves :math:`Q` bytes between memory and
+the processor takes at least :math:`\\max(W / P, Q / \\beta)` seconds on a device whose
+peak arithmetic rate is :math:`P` FLOP/s and whose memory bandwidth is :math:`\\beta`
+bytes/s. Its *arithmetic intensity* :math:`I = W / Q` decides which bound applies: below
+the ridge :math:`P / \\beta` the step is memory-bound and can reach at most
+:math:`\\beta I` FLOP/s, above it compute-bound (Williams, Waterman and Patterson, 2009).
+
+- :func:`measure_roof` measures :math:`\\beta` (a large tensor copy) and :math:`P` (square
+  matrix products) on the device at hand, in a second or so.
+- :func:`exact_costs` counts :math:`W` and :math:`Q` of each approach exactly
+  (:func:`sharedconv.memory.step_cost`, on ``meta`` tensors: nothing is computed).
+- :func:`run` does both and times the approaches' training steps
+  (:func:`sharedconv.bench.compare`), in a fresh process with glibc's allocator tuned as
+  the benchmark does (:func:`sharedconv.bench.page_faults` shows why).
+- :func:`table` and :func:`plot` show a run; :func:`stored_runs` are the runs that ship
+  with the package; ``python -m sharedconv.roofline`` writes one.
+
+The counted bytes are a model: every operator reads each argument and writes each result
+once, from and to main memory. Caches make a real step move less, so a point can sit
+above the bandwidth line it is drawn under.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import bench
+from .memory import StepCost, step_cost
+
+__all__ = ["SHAPES", "APPROACHES", "TIMED", "measure_roof", "exact_costs", "cost_table", "run",
+           "table", "plot", "machine_line", "stored_runs", "main"]
+
+#: The shapes a run times: one of each question, small enough for a notebook on a laptop.
+SHAPES: dict[str, dict[str, int]] = {
+    "streams": dict(B=8, G=64, D=1, L=512, F=16, k=5),
+    "groups": dict(B=2, G=256, D=8, L=64, F=16, k=5),
+}
+
+#: The approaches a run places on the roofline: the layer and four ways people write it.
+APPROACHES = ("layer", "loop", "lift", "grouped_repeat", "vmap")
+
+#: The tuned layer is timed beside them (its bytes depend on what it chose).
+TIMED = (*APPROACHES, "tuned")
+
+
+def measure_roof(device: str | torch.device = "cpu", *, copy_mib: int = 256,
+                 sizes: tuple[int, ...] | None = None, samples: int = 5) -> dict[str, Any]:
+    """Memory bandwidth and peak FLOP rate of ``device``, each the best of ``samples``.
+
+    Bandwidth: ``dst.copy_(src)`` of ``copy_mib`` MiB of float32, which reads and writes
+    that many bytes each. Peak: float32 products of square matrices of each size in
+    ``sizes`` (default 512, 1024 and 2048 on a CPU, 2048, 4096 and 8192 on a GPU; the best
+    rate counts). On a GPU the products run with the TF32 setting cuDNN's convolutions
+    use (``torch.backends.cudnn.allow_tf32``), so the roof is the one the convolutions
+    run under. Returns ``bandwidth`` (bytes/s), ``peak`` (FLOP/s) and the settings.
+    """
+    from torch.utils.benchmark import Timer
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sizes = sizes or ((2048, 4096, 8192) if cuda else (512, 1024, 2048))
+    threads = torch.get_num_threads()
+
+    def best(stmt: str, values: dict[str, Any]) -> float:
+        timer = Timer(stmt, globals=values, num_threads=threads)
+        timer.timeit(1)  # warm-up: first touch of the pages, library initialisation
+        number = max(1, int(0.02 / max(timer.timeit(1).median, 1e-6)))
+        return min(timer.timeit(number).median for _ in range(samples))
+
+    src = torch.randn(copy_mib * 2**18, device=device)
+    seconds = best("dst.copy_(src); sync()", dict(src=src, dst=torch.empty_like(src),
+                                                    sync=lambda: bench._sync(device)))
+    bandwidth = 2 * src.nbytes / seconds
+    del src
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    rates = []
+    try:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        for n in sizes:
+            a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+            seconds = best("a @ b; sync()", dict(a=a, b=b, sync=lambda: bench._sync(device)))
+            rates.append(2 * n**3 / seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    return {"bandwidth": bandwidth, "peak": max(rates), "copy_mib": copy_mib,
+            "sizes": list(sizes), "peak_at": sizes[rates.index(max(rates))],
+            "tf32": bool(cuda and torch.backends.cudnn.allow_tf32)}
+
+
+def _inputs(shape: dict[str, int], device: str | torch.device) -> tuple[torch.Tensor, ...]:
+    B, G, D, L, F_, k = (shape[n] for n in ("B", "G", "D", "L", "F", "k"))
+    x = torch.randn(B, G * D, L, device=device, requires_grad=True)
+    w = torch.randn(F_, D, k, device=device, requires_grad=True)
+    b = torch.randn(F_, device=device, requires_grad=True)
+    return x, w, b
+
+
+def exact_costs(shape: dict[str, int], approaches: tuple[str, ...] = APPROACHES,
+                *, unshared: bool = False) -> dict[str, StepCost]:
+    """Exact costs of one training step of each approach at ``shape`` (keys B, G, D, L, F, k).
+
+    Counted on ``meta`` tensors, so any shape costs only the bookkeeping (the loop's
+    ``G`` calls the most). The input requires a gradient, as a layer inside a network
+    does. With ``unshared=True`` the result also has ``"unshared"``: ``nn.Conv1d`` with
+    ``groups=G`` and its own ``G`` banks as parameters, what sharing saves.
+    """
+    from . import baselines
+    from .functional import shared_conv
+
+    functions = {"layer": shared_conv, **baselines.BASELINES}
+    unknown = [a for a in approaches if a not in functions]
+    if unknown:
+        raise ValueError(f"approaches must be among {sorted(functions)}, got {unknown}")
+    G, k = shape["G"], shape["k"]
+    x, w, b = _inputs(shape, "meta")
+    costs = {}
+    for name in approaches:
+        fn = functions[name]
+        costs[name] = step_cost(
+            lambda x, w, b, fn=fn: fn(x, w, b, groups=G, padding=k // 2), x, w, b,
+            params=(w, b))
+    if unshared:
+        conv = torch.nn.Conv1d(G * shape["D"], G * shape["F"], k, groups=G,
+                               padding=k // 2, device="meta")
+        costs["unshared"] = step_cost(conv, x, params=tuple(conv.parameters()))
+    return costs
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def cost_table(costs: dict[str, StepCost]) -> str:
+    """The exact costs of :func:`exact_costs` as a table, one approach per line."""
+    lines = [f"{'approach':15s} {'GFLOP':>8s} {'moved':>11s} {'saved':>11s} {'peak':>11s}"
+             f" {'parameters':>11s}"]
+    for name, c in costs.items():
+        lines.append(f"{name:15s} {c.flops / 1e9:8.2f} {_bytes(c.moved_bytes):>11s} "
+                     f"{_bytes(c.saved_bytes):>11s} {_bytes(c.peak_bytes):>11s} "
+                     f"{_bytes(c.param_bytes):>11s}")
+    return "\n".join(lines)
+
+
+def _run_here(device: str, shapes: dict[str, dict[str, int]], rounds: int,
+              min_time: float) -> dict[str, Any]:
+    dev = torch.device(device)
+    meta = {"device": bench.device_name(dev), "device_type": dev.type,
+            "allocator": (bench.describe_allocator() if dev.type == "cpu"
+                          else "CUDA caching allocator"),
+            **bench.machine(dev), "rounds": rounds, "min_time_s": min_time}
+    roof = measure_roof(dev)
+    points = []
+    for name, shape in shapes.items():
+        costs = exact_costs(shape)
+        record = bench.compare(shape, TIMED, dev, rounds=rounds, min_time=min_time)
+        for approach, timed in record["approaches"].items():
+            point: dict[str, Any] = {"shape_name": name, "shape": shape,
+                                     "approach": approach,
+                                     "seconds": timed["forward_backward_s"],
+                                     "ratio": timed["forward_backward_ratio"]}
+            if approach in costs:
+                point.update(flops=costs[approach].flops,
+                             moved_bytes=costs[approach].moved_bytes)
+            if "tuning" in timed:
+                choice = timed["tuning"]["choices"]["forward_backward"]
+                point["choice"] = {part: choice[part]
+                                   for part in ("forward", "input_grad", "weight_grad")}
+            points.append(point)
+    return {"meta": meta, "roof": roof, "points": points}
+
+
+def run(device: str | torch.device = "cpu", shapes: dict[str, dict[str, int]] | None = None,
+        *, rounds: int = 5, min_time: float = 0.03, threads: int | None = None,
+        fresh_process: bool = True) -> dict[str, Any]:
+    """Measure the roof of ``device`` and time :data:`TIMED` at each of ``shapes``.
+
+    Returns ``{"meta": the machine, "roof": measure_roof(...), "points": [...]}``, one
+    point per shape and approach: its median training-step seconds over ``rounds``
+    interleaved rounds, its ratio to the layer, the exact ``flops`` and ``moved_bytes``
+    (not for ``tuned``, whose bytes depend on the strategies it chose: ``choice`` says
+    which). With ``fresh_process`` (the default) it runs in a new Python process, with
+    glibc's tunables set as the benchmark sets them, so that the allocator of the calling
+    process (a notebook kernel's, say) does not decide the times.
+    """
+    shapes = shapes or SHAPES
+    if not fresh_process:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _run_here(str(device), shapes, rounds, min_time)
+    env = {**os.environ}
+    if sys.platform == "linux" and "LD_PRELOAD" not in env:
+        env.update(bench.TUNED_ENV)
+    args = [sys.executable, "-m", "sharedconv.roofline", "--device", str(device),
+            "--rounds", str(rounds), "--min-time", str(min_time), "--out", "-",
+            "--shapes", json.dumps(shapes)]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    out = subprocess.run(args, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def machine_line(run: dict[str, Any]) -> str:
+    """One line naming what a run's figures depend on."""
+    m = run["meta"]
+    if m["device_type"] == "cuda":
+        return f"{m['gpu']}, CUDA {m['cuda']}, TF32 {'on' if run['roof']['tf32'] else 'off'}"
+    return f"{m['cpu_model']} ({m['cpu_capability']}), {m['threads']} threads"
+
+
+def _bound(run: dict[str, Any], point: dict[str, Any]) -> tuple[float, float, str]:
+    roof = run["roof"]
+    intensity = point["flops"] / point["moved_bytes"]
+    attainable = min(roof["peak"], roof["bandwidth"] * intensity)
+    kind = "memory" if intensity < roof["peak"] / roof["bandwidth"] else "compute"
+    return intensity, attainable, kind
+
+
+def table(run: dict[str, Any]) -> str:
+    """The run as text: the roof, then each approach's intensity, rate and share of roof."""
+    roof = run["roof"]
+    lines = [machine_line(run),
+             f"roof: {roof['bandwidth'] / 1e9:.1f} GB/s, {roof['peak'] / 1e9:.0f} GFLOP/s,"
+             f" ridge at {roof['peak'] / roof['bandwidth']:.1f} FLOP/byte",
+             f"{'shape':8s} {'approach':15s} {'FLOP/B':>7s} {'GFLOP/s':>8s} "
+             f"{'of roof':>8s}  {'bound':7s} {'step ms':>8s} {'/ layer':>8s}"]
+    for p in run["points"]:
+        ms = f"{p['seconds'] * 1e3:8.2f} {p['ratio']:8.2f}"
+        if "flops" not in p:
+            lines.append(f"{p['shape_name']:8s} {p['approach']:15s} {'':>7s} {'':>8s} "
+                         f"{'':>8s}  {'':7s} {ms}")
+            continue
+        intensity, attainable, kind = _bound(run, p)
+        rate = p["flops"] / p["seconds"]
+        lines.append(f"{p['shape_name']:8s} {p['approach']:15s} {intensity:7.2f} "
+                     f"{rate / 1e9:8.1f} {rate / attainable:8.0%}  {kind:7s} {ms}")
+    return "\n".join(lines)
+
+
+_STYLE = {"layer": ("k", "o"), "loop": ("C0", "s"), "lift": ("C1", "^"),
+          "grouped_repeat": ("C2", "D"), "vmap": ("C4", "v")}
+
+
+def plot(runs: list[dict[str, Any]], titles: list[str] | None = None) -> Any:
+    """One roofline panel per run, side by side, on shared axes; returns the figure.
+
+    Each panel draws its run's roof (the bandwidth line up to the ridge, then the peak)
+    and each approach's training step at each shape: intensity across, achieved FLOP/s
+    up; filled markers for a run's first shape, open ones for its second.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.4, 3.5), sharey=True, squeeze=False,
+                             layout="constrained")
+    points = [p for r in runs for p in r["points"] if "flops" in p]
+    intensities = [p["flops"] / p["moved_bytes"] for p in points]
+    grid = np.geomspace(min(intensities) / 2, max(intensities) * 4, 200)
+    for i, (ax, r) in enumerate(zip(axes[0], runs, strict=True)):
+        roof = r["roof"]
+        ax.plot(grid, np.minimum(roof["peak"], roof["bandwidth"] * grid) / 1e9, color="0.4",
+                lw=1.5)
+        ax.axvline(roof["peak"] / roof["bandwidth"], color="0.6", ls=":", lw=1)
+        names = list(dict.fromkeys(p["shape_name"] for p in r["points"]))
+        for p in (p for p in r["points"] if "flops" in p):
+            color, marker = _STYLE.get(p["approach"], ("C7", "x"))
+            filled = p["shape_name"] == names[0]
+            ax.plot(p["flops"] / p["moved_bytes"], p["flops"] / p["seconds"] / 1e9, marker,
+                    color=color, ms=6, mfc=color if filled else "none",
+                    label=p["approach"] if filled else None)
+        ax.set(xscale="log", yscale="log", xlabel="FLOPs per byte moved")
+        ax.set_title(titles[i] if titles else machine_line(r), fontsize=9)
+    axes[0][0].set_ylabel("GFLOP/s")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    names = list(dict.fromkeys(p["shape_name"] for p in runs[0]["points"]))
+    for name, face in zip(names[:2], ("0.3", "none"), strict=False):
+        handles.append(axes[0][0].plot([], [], "o", color="0.3", mfc=face, ms=6)[0])
+        labels.append(f"{name} ({'filled' if face != 'none' else 'open'})")
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=9)
+    return fig
+
+
+def stored_runs() -> list[dict[str, Any]]:
+    """The roofline runs that ship with the package (``sharedconv/results/roofline/``)."""
+    from importlib.resources import files
+
+    folder = files("sharedconv") / "results" / "roofline"
+    runs = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            result = json.loads(entry.read_text())
+            result["file"] = entry.name
+            runs.append(result)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m sharedconv.roofline",
+        description="Measure this device's roofline and place every approach's training "
+                    "step under it (see the module's documentation).")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--min-time", type=float, default=0.1,
+                        help="seconds per timed sample")
+    parser.add_argument("--shapes", type=json.loads, default=None,
+                        help="JSON {name: {B, G, D, L, F, k}} (default: SHAPES)")
+    parser.add_argument("--out", default=None,
+                        help="JSON file, '-' for standard output (default: "
+                        "src/sharedconv/results/roofline/<device>[-<threads>t].json)")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = _run_here(device, args.shapes or SHAPES, args.rounds, args.min_time)
+    if args.out == "-":
+        print(json.dumps(result))
+        return result
+    out = args.out
+    if out is None:
+        name = bench._slug(result["meta"]["device"].split(" (")[0])
+        if device == "cpu":
+            name += f"-{result['meta']['threads']}t"
+        out = Path("src") / "sharedconv" / "results" / "roofline" / f"{name}.json"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
