@@ -288,7 +288,15 @@ def _traffic_mode() -> Any:
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
+
+    def _tensors(values: Any) -> list[Tensor]:  # the tensors among arguments or results
+        found = []
+        for v in values:
+            if isinstance(v, Tensor):
+                found.append(v)
+            elif isinstance(v, (list, tuple)):
+                found.extend(t for t in v if isinstance(t, Tensor))
+        return found
 
     def nbytes(t: Tensor) -> int:  # an expanded view reads no more than its storage
         return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
@@ -305,10 +313,10 @@ def _traffic_mode() -> Any:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
             out = func(*args, **(kwargs or {}))
-            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+            ins = _tensors(args) + (_tensors(kwargs.values()) if kwargs else [])
             known = {t.untyped_storage()._cdata for t in ins}
             made = []
-            for t in (t for t in tree_flatten(out)[0] if isinstance(t, Tensor)):
+            for t in _tensors((out,)):
                 storage = t.untyped_storage()
                 key = storage._cdata
                 if key in known or key in self._refs:
