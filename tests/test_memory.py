@@ -253,13 +253,24 @@ def test_step_cost_sees_the_copies_each_approach_makes():
     fold = costs["fold"]
     # the lift copies its output once, out of the Conv2d's filter-major layout
     assert costs["lift"].moved_bytes == fold.moved_bytes + 2 * ny
-    # vmap moves the groups first: a copy of the input, of the output, of its gradient
-    assert costs["vmap"].moved_bytes == fold.moved_bytes + 2 * nx + 4 * ny
+    # vmap moves the groups first and back: copies of the input and the output, of the
+    # output's gradient, and of the input's gradient (into the input's own layout)
+    assert costs["vmap"].moved_bytes == fold.moved_bytes + 4 * nx + 4 * ny
     # the grouped convolutions save the G copies of the bank for their backward
     assert costs["grouped_repeat"].saved_bytes == fold.saved_bytes + 4 * G * F_ * D * k
     # the loop's backward makes one input-sized zero gradient per group
     assert costs["loop"].moved_bytes > G * nx
     assert len({c.flops for c in costs.values()}) == 1
+
+
+def test_step_cost_leaves_the_gradients_as_they_were():
+    x, w, b = _shared((2, 4, 1, 16, 3, 3), "cpu")
+    w.grad = torch.ones_like(w)
+    first = memory.step_cost(lambda x, w, b: baselines.fold(x, w, b, groups=4), x, w, b,
+                             params=(w, b))
+    assert x.grad is None and b.grad is None and torch.equal(w.grad, torch.ones_like(w))
+    assert memory.step_cost(lambda x, w, b: baselines.fold(x, w, b, groups=4), x, w, b,
+                            params=(w, b)) == first  # nothing accumulated
 
 
 def test_step_cost_releases_what_the_step_frees():

@@ -261,8 +261,9 @@ class StepCost:
         flops: FLOPs of forward and backward together.
         moved_bytes: bytes the step's operators read and write, with each operator
             reading every tensor argument once and writing every tensor it produces or
-            modifies once; views move nothing, and an expanded tensor is read as its
-            storage. A model of memory traffic with no cache between operators.
+            modifies once; views and bare allocations (``empty``) move nothing, and an
+            expanded tensor is read as its storage. A model of memory traffic with no
+            cache between operators.
         saved_bytes: bytes autograd keeps from the forward for the backward, parameters
             excluded.
         peak_bytes: the most bytes of storage the step holds at once, on top of the
@@ -331,6 +332,8 @@ def _traffic_mode() -> Any:
             written = [a for a, arg in zip(args, func._schema.arguments, strict=False)
                        if isinstance(a, Tensor) and arg.alias_info is not None
                        and arg.alias_info.is_write]
+            if "empty" in func._schema.name:  # allocates, reads and writes nothing
+                return out
             if made or written:
                 self.moved += sum(nbytes(t) for t in ins if not any(t is w for w in written))
                 self.moved += sum(nbytes(t) for t in made + written)
@@ -345,7 +348,7 @@ def step_cost(
     """Count one training step of ``fn(*inputs)``: forward, then backward of ``ones``.
 
     The backward computes the gradient of every input and parameter that requires one, as
-    a step from zero gradients does (nothing is added into ``.grad``).
+    a step from zero gradients does; their ``.grad`` is left as it was.
 
     ``params`` are the tensors it trains besides the inputs (their bytes are
     ``param_bytes``, and what autograd saves of them is not counted as saved). Everything
@@ -386,10 +389,16 @@ def step_cost(
         saved = _saved_in_graph(out, excluded)
     grad = torch.ones_like(out)  # made outside the modes: it exists before the step
     leaves = [t for t in (*inputs, *params) if t.requires_grad]
-    with backward_counter, traffic:
-        # the gradients are returned, not added into .grad: a step from zero gradients
-        grads = torch.autograd.grad(out, leaves, grad)
-        del out, grads
+    kept = [t.grad for t in leaves]
+    try:
+        for t in leaves:  # a step from zero gradients: nothing is added into old ones
+            t.grad = None
+        with backward_counter, traffic:
+            out.backward(grad, inputs=leaves)
+            del out
+    finally:
+        for t, old in zip(leaves, kept, strict=True):
+            t.grad = old
     forward = forward_counter.get_total_flops()
     return StepCost(
         forward_flops=forward,
