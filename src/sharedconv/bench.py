@@ -473,7 +473,7 @@ def compare(
 
     ``shape`` has the keys ``B, G, D, L, F, k``; ``approaches`` names any of ``layer``,
     ``tuned``, ``only_grouped``, ``only_unfold`` (where the tuner has that strategy for the
-    shape) and the baselines. Returns the record :func:`run_case` returns: per approach
+    shape) and the baselines. Returns the record ``run_case`` returns: per approach
     the median seconds of each pass in ``kinds`` and its ratio to the layer (which is
     always timed), the exact FLOPs and saved bytes, and the tuner's choices for ``tuned``.
     """
@@ -494,7 +494,7 @@ def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
 
     Runs ``forwards`` forward passes of the fold on ``B = 8`` samples of 64 streams of
     length 512 (16 filters of width 5; each output is 4 MiB) in two fresh processes,
-    with glibc's default tunables and with :data:`TUNED_ENV`, and returns
+    with glibc's default tunables and with ``bench.TUNED_ENV``, and returns
     ``{"default": (faults, seconds), "tuned": (faults, seconds)}``: the faults counted
     by ``getrusage`` over the timed forwards, after one warm-up forward. Empty where the C
     library is not glibc, whose tunables these are.

@@ -280,7 +280,7 @@ class StepCost:
 
     @property
     def intensity(self) -> float:
-        """Arithmetic intensity, FLOPs per byte moved: where the step sits on a roofline."""
+        """The step's arithmetic intensity (FLOPs per byte moved), its place on a roofline."""
         return self.flops / self.moved_bytes
 
 

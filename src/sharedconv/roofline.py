@@ -40,13 +40,13 @@ from .memory import StepCost, step_cost
 __all__ = ["SHAPES", "APPROACHES", "TIMED", "measure_roof", "exact_costs", "cost_table", "run",
            "table", "plot", "machine_line", "stored_runs", "main"]
 
-#: The shapes a run times: one of each question, small enough for a notebook on a laptop.
+#: The shapes a run times, one of each question, small enough for a notebook on a laptop.
 SHAPES: dict[str, dict[str, int]] = {
     "streams": dict(B=8, G=64, D=1, L=512, F=16, k=5),
     "groups": dict(B=2, G=256, D=8, L=64, F=16, k=5),
 }
 
-#: The approaches a run places on the roofline: the layer and four ways people write it.
+#: The approaches a run places on the roofline, the layer and four ways people write it.
 APPROACHES = ("layer", "loop", "lift", "grouped_repeat", "vmap")
 
 #: The tuned layer is timed beside them (its bytes depend on what it chose).
@@ -186,11 +186,12 @@ def _run_here(device: str, shapes: dict[str, dict[str, int]], rounds: int,
 def run(device: str | torch.device = "cpu", shapes: dict[str, dict[str, int]] | None = None,
         *, rounds: int = 5, min_time: float = 0.03, threads: int | None = None,
         fresh_process: bool = True) -> dict[str, Any]:
-    """Measure the roof of ``device`` and time :data:`TIMED` at each of ``shapes``.
+    """Measure the roof of ``device`` and time ``TIMED`` at each of ``shapes``.
 
-    Returns ``{"meta": the machine, "roof": measure_roof(...), "points": [...]}``, one
-    point per shape and approach: its median training-step seconds over ``rounds``
-    interleaved rounds, its ratio to the layer, the exact ``flops`` and ``moved_bytes``
+    ``TIMED`` is :data:`APPROACHES` and ``tuned``. Returns ``{"meta": the machine,
+    "roof": measure_roof(...), "points": [...]}``, one point per shape and approach: its
+    median training-step seconds over ``rounds`` interleaved rounds, its ratio to the
+    layer, the exact ``flops`` and ``moved_bytes``
     (not for ``tuned``, whose bytes depend on the strategies it chose: ``choice`` says
     which). With ``fresh_process`` (the default) it runs in a new Python process, with
     glibc's tunables set as the benchmark sets them, so that the allocator of the calling
