@@ -10,7 +10,9 @@
 
 Extra arguments after ``test`` go to pytest (``python3 dev.py test -k oracle``); after
 ``execute``, they name the notebooks to run (default: every notebook in _toc.yml).
-Needs only Python 3.10+ (and a network connection, or a local wheel cache, for pip).
+``test``, ``book`` and ``execute`` need Python 3.11+, the book's Python (chapter 8 loads
+its data sets with aeon, which needs 3.11), and a network connection or a local wheel
+cache for pip. The package alone works on Python 3.10: ``test-with`` runs with 3.10 too.
 
 ``test-with`` checks that PYTHON imports torch, pytest, nbval and the others the tests
 need, and this tree's ``sharedconv`` (``PYTHON -m pip install --no-deps -e .``), then runs
@@ -41,13 +43,34 @@ def _run(*cmd: object) -> None:
     subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
 
 
+#: The Python that the book needs: chapter 8 loads its data sets with aeon (3.11 or newer).
+#: The package itself (pyproject.toml) needs only 3.10; ``test-with`` accepts that.
+BOOK_PYTHON = (3, 11)
+
+
+def _too_old(version: tuple[int, ...], which: str) -> None:
+    if tuple(version[:2]) < BOOK_PYTHON:
+        found = ".".join(map(str, version[:3]))
+        need = ".".join(map(str, BOOK_PYTHON))
+        sys.exit(
+            f"dev.py test, book and execute need Python {need} or newer, the book's Python "
+            f"(chapter 8 loads its data sets with aeon, which needs {need}); {which} is "
+            f"Python {found}.\nRun dev.py with python{need} or newer (and remove an older "
+            f".venv), or test the package alone, which supports Python 3.10, with "
+            f"`python3 dev.py test-with PYTHON` (see the README)."
+        )
+
+
 def ensure_env() -> None:
     """Create .venv and install requirements.txt, again whenever it or pyproject changes."""
-    if sys.version_info < (3, 10):  # noqa: UP036 (dev.py may be run by an older python3)
-        sys.exit(f"Python 3.10 or newer is needed, this is {sys.version.split()[0]}")
     if not PYTHON.exists():
+        _too_old(sys.version_info, "this python3")
         print(f"creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
+    else:  # an existing .venv keeps the Python it was made with
+        found = subprocess.run([str(PYTHON), "-c", "import sys; print(*sys.version_info[:3])"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        _too_old(tuple(int(v) for v in found), f"the Python of {VENV}")
     digest = hashlib.sha256()
     for name in ("requirements.txt", "pyproject.toml"):
         digest.update((ROOT / name).read_bytes())
@@ -134,6 +157,7 @@ def test_with(python: str, rest: list[str]) -> None:
             "--index-url https://download.pytorch.org/whl/cpu\n"
             f"  {exe} -m pip install numpy matplotlib pyyaml pytest nbval ipykernel "
             "build twine 'setuptools>=77'\n"
+            f"  {exe} -m pip install 'aeon>=1.0'  # chapter 8's data sets (Python 3.11+)\n"
             f"  {exe} -m pip install --no-deps -e {ROOT}"
         )
     print(f"test-with: Python {info['python']}, torch {info['torch']}", flush=True)

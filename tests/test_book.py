@@ -192,6 +192,50 @@ def test_first_code_cell_is_the_colab_setup(path):
     assert src.count("print(") <= 1, "prints at most one line"
     assert first["outputs"] == [], "prints nothing when sharedconv is installed"
     assert "hide-input" in first["metadata"].get("tags", []), "folded on the page"
+    # a chapter that reads its data with aeon (chapter 8) installs that too when missing
+    later = "".join(_source(c) for c in nb["cells"] if c["cell_type"] == "code" and c is not first)
+    if re.search(r"^\s*(from|import) aeon\b", later, flags=re.M):
+        assert 'find_spec("aeon") is None' in src, "installs aeon only when not importable"
+
+
+def _run_setup_cell(src: str, tmp_path: Path, absent: set[str]) -> tuple[list, str]:
+    """Run a Colab setup cell with the modules in ``absent`` missing and pip replaced by a
+    recorder: the arguments it would give pip (None: no call) and what it prints."""
+    recorded = tmp_path / "pip-args.json"
+    fake = (
+        "import importlib.util, json, subprocess, sys\n"
+        "real = importlib.util.find_spec\n"
+        f"importlib.util.find_spec = lambda n, *a: None if n in {sorted(absent)!r} "
+        "else real(n, *a)\n"
+        f"subprocess.run = lambda args, check: open({str(recorded)!r}, 'w').write("
+        "json.dumps(args))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", fake + src], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    args = json.loads(recorded.read_text()) if recorded.exists() else None
+    return args, out.stdout.strip()
+
+
+def test_colab_setup_installs_aeon_where_a_chapter_needs_it(tmp_path):
+    """Chapter 8's setup cell on a runtime without aeon (sharedconv present, or not):
+    one pip call, aeon in it, the runtime's torch kept, one line printed."""
+    from importlib.metadata import version
+
+    chapter = next(p for p in NOTEBOOKS if p.name == "08_real_data.ipynb")
+    nb = json.loads(chapter.read_text())
+    src = _source(next(c for c in nb["cells"] if c["cell_type"] == "code"))
+    url = CONFIG["repository"]["url"].rstrip("/")
+    args, printed = _run_setup_cell(src, tmp_path, {"aeon"})
+    assert args[1:4] == ["-m", "pip", "install"] and f"torch=={version('torch')}" in args
+    assert any(a.startswith("aeon") for a in args)
+    assert not any(a.startswith("sharedconv") for a in args)
+    assert printed == "installed aeon>=1.0"
+    args, printed = _run_setup_cell(src, tmp_path, {"aeon", "sharedconv"})
+    assert f"sharedconv[diagrams] @ git+{url}" in args and "aeon>=1.0" in args
+    assert printed.count("\n") == 0 and "sharedconv[diagrams]" in printed
+    (tmp_path / "pip-args.json").unlink()
+    args, printed = _run_setup_cell(src, tmp_path, set())
+    assert args is None and printed == "", "does nothing where both are installed"
 
 
 def test_colab_setup_keeps_the_runtime_torch(tmp_path):
