@@ -122,15 +122,9 @@ def saved_tensors(
         True
     """
     excluded = {_storage_key(t) for t in exclude}
-    report = SavedTensors()
-    seen: set[tuple[str, int]] = set()
-
-    def pack(t: Tensor) -> Tensor:
-        report._add(t, seen, excluded)
-        return t
-
+    report, hooks = _recording(excluded)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with hooks:
             fn(*args, **kwargs)
     except RuntimeError as error:
         # torch 2.4: "torch.func transforms don't yet support saved tensor hooks"
@@ -138,6 +132,18 @@ def saved_tensors(
             raise
         return _saved_in_graph(fn(*args, **kwargs), excluded)
     return report
+
+
+def _recording(excluded: set[tuple[str, int]]) -> tuple[SavedTensors, Any]:
+    """An empty report, and the saved-tensor hooks that fill it while they are active."""
+    report = SavedTensors()
+    seen: set[tuple[str, int]] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        report._add(t, seen, excluded)
+        return t
+
+    return report, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def _saved_in_graph(out: Any, excluded: set[tuple[str, int]]) -> SavedTensors:
@@ -361,23 +367,17 @@ def step_cost(
 
         >>> x = torch.randn(8, 4, 100, device="meta", requires_grad=True)
         >>> w = torch.randn(16, 1, 5, device="meta", requires_grad=True)
-        >>> cost = step_cost(lambda x, w: F.conv1d(x.view(32, 1, 100), w), x, w)
+        >>> conv = torch.nn.functional.conv1d
+        >>> cost = step_cost(lambda x, w: conv(x.view(32, 1, 100), w), x, w)
         >>> cost.forward_flops == 2 * 32 * 16 * 96 * 5, cost.flops == 3 * cost.forward_flops
         (True, True)
     """
     excluded = {_storage_key(t) for t in params}
-    saved = SavedTensors()
-    seen: set[tuple[str, int]] = set()
-
-    def pack(t: Tensor) -> Tensor:
-        saved._add(t, seen, excluded)
-        return t
-
+    saved, hooks = _recording(excluded)
     traffic = _traffic_mode()
     forward_counter, backward_counter = _flop_counter(), _flop_counter()
     try:
-        with forward_counter, traffic, torch.autograd.graph.saved_tensors_hooks(
-                pack, lambda t: t):
+        with forward_counter, traffic, hooks:
             out = fn(*inputs)
     except RuntimeError as error:
         # torch 2.4: "torch.func transforms don't yet support saved tensor hooks"
