@@ -132,6 +132,13 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def run_meta(device: torch.device) -> dict[str, Any]:
+    """What a stored run records about where it ran: the device, the allocator, the machine."""
+    allocator = describe_allocator() if device.type == "cpu" else "CUDA caching allocator"
+    return {"device": device_name(device), "device_type": device.type,
+            "allocator": allocator, **machine(device)}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -504,7 +511,7 @@ def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
     if platform.libc_ver()[0] != "glibc":
         return {}
     probe = (
-        "import resource, sys, time, torch\n"
+        "import resource, time, torch\n"
         "from sharedconv import baselines\n"
         "x, w = torch.randn(8, 64, 512), torch.randn(16, 1, 5)\n"
         "baselines.fold(x, w, None, groups=64, padding=2)\n"
@@ -512,7 +519,7 @@ def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
         "start = time.perf_counter()\n"
         f"for _ in range({forwards}):\n"
         "    baselines.fold(x, w, None, groups=64, padding=2)\n"
-        "seconds = (time.perf_counter() - start) / " + str(forwards) + "\n"
+        f"seconds = (time.perf_counter() - start) / {forwards}\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, seconds)\n"
     )
     plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -690,11 +697,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suites = args.suite or sorted(SUITES)
 
     meta = {
-        "device": device_name(device),
-        "device_type": device.type,
+        **run_meta(device),
         "dtype": args.dtype,
-        "allocator": describe_allocator() if device.type == "cpu" else "CUDA caching allocator",
-        **machine(device),
         "quick": args.quick,
         "rounds": rounds,
         "min_time_s": min_time,

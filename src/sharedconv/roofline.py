@@ -38,7 +38,7 @@ from . import bench
 from .memory import StepCost, step_cost
 
 __all__ = ["SHAPES", "APPROACHES", "TIMED", "measure_roof", "exact_costs", "cost_table", "run",
-           "table", "plot", "machine_line", "stored_runs", "main"]
+           "placement", "table", "plot", "machine_line", "stored_runs", "main"]
 
 #: The shapes a run times, one of each question, small enough for a notebook on a laptop.
 SHAPES: dict[str, dict[str, int]] = {
@@ -158,10 +158,7 @@ def cost_table(costs: dict[str, StepCost]) -> str:
 def _run_here(device: str, shapes: dict[str, dict[str, int]], rounds: int,
               min_time: float) -> dict[str, Any]:
     dev = torch.device(device)
-    meta = {"device": bench.device_name(dev), "device_type": dev.type,
-            "allocator": (bench.describe_allocator() if dev.type == "cpu"
-                          else "CUDA caching allocator"),
-            **bench.machine(dev), "rounds": rounds, "min_time_s": min_time}
+    meta = {**bench.run_meta(dev), "rounds": rounds, "min_time_s": min_time}
     roof = measure_roof(dev)
     points = []
     for name, shape in shapes.items():
@@ -222,12 +219,20 @@ def machine_line(run: dict[str, Any]) -> str:
     return f"{m['cpu_model']} ({m['cpu_capability']}), {m['threads']} threads"
 
 
-def _bound(run: dict[str, Any], point: dict[str, Any]) -> tuple[float, float, str]:
+def placement(run: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """Where one point of a run sits under the run's roof.
+
+    Returns its ``intensity`` (FLOPs per byte moved), the FLOP ``rate`` it reached, the
+    ``attainable`` rate at its intensity (``min(peak, bandwidth * intensity)``), its
+    ``share`` of that, and ``bound``: ``"memory"`` below the ridge, ``"compute"`` above.
+    """
     roof = run["roof"]
     intensity = point["flops"] / point["moved_bytes"]
     attainable = min(roof["peak"], roof["bandwidth"] * intensity)
-    kind = "memory" if intensity < roof["peak"] / roof["bandwidth"] else "compute"
-    return intensity, attainable, kind
+    rate = point["flops"] / point["seconds"]
+    bound = "memory" if intensity < roof["peak"] / roof["bandwidth"] else "compute"
+    return {"intensity": intensity, "rate": rate, "attainable": attainable,
+            "share": rate / attainable, "bound": bound}
 
 
 def table(run: dict[str, Any]) -> str:
@@ -244,10 +249,9 @@ def table(run: dict[str, Any]) -> str:
             lines.append(f"{p['shape_name']:8s} {p['approach']:15s} {'':>7s} {'':>8s} "
                          f"{'':>8s}  {'':7s} {ms}")
             continue
-        intensity, attainable, kind = _bound(run, p)
-        rate = p["flops"] / p["seconds"]
-        lines.append(f"{p['shape_name']:8s} {p['approach']:15s} {intensity:7.2f} "
-                     f"{rate / 1e9:8.1f} {rate / attainable:8.0%}  {kind:7s} {ms}")
+        at = placement(run, p)
+        lines.append(f"{p['shape_name']:8s} {p['approach']:15s} {at['intensity']:7.2f} "
+                     f"{at['rate'] / 1e9:8.1f} {at['share']:8.0%}  {at['bound']:7s} {ms}")
     return "\n".join(lines)
 
 
@@ -279,7 +283,8 @@ def plot(runs: list[dict[str, Any]], titles: list[str] | None = None) -> Any:
         for p in (p for p in r["points"] if "flops" in p):
             color, marker = _STYLE.get(p["approach"], ("C7", "x"))
             filled = p["shape_name"] == names[0]
-            ax.plot(p["flops"] / p["moved_bytes"], p["flops"] / p["seconds"] / 1e9, marker,
+            at = placement(r, p)
+            ax.plot(at["intensity"], at["rate"] / 1e9, marker,
                     color=color, ms=6, mfc=color if filled else "none",
                     label=p["approach"] if filled else None)
         ax.set(xscale="log", yscale="log", xlabel="FLOPs per byte moved")
