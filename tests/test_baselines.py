@@ -11,8 +11,8 @@ from conftest import KERNELS, SIZES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sharedconv import shared_conv
-from sharedconv.baselines import BASELINES, DIMS, fold, lift
-from sharedconv.memory import flops
+from sharedconv.lab.baselines import BASELINES, DIMS, fold, lift
+from sharedconv.lab.memory import flops
 
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 

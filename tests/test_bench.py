@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from sharedconv import bench
+from sharedconv.lab import bench
 
 FIELDS = {"saved_bytes", "param_bytes", "forward_flops", "forward_s", "forward_ratio",
           "forward_backward_s", "forward_backward_ratio"}
 
 
 def test_cli_help_explains_itself():
-    result = subprocess.run([sys.executable, "-m", "sharedconv.bench", "--help"],
+    result = subprocess.run([sys.executable, "-m", "sharedconv.lab.bench", "--help"],
                             capture_output=True, text=True, check=True)
     for word in ("--suite", "--quick", "--allocator", "--device", "--threads", "ratios",
                  "interleaved"):
@@ -28,7 +28,7 @@ def test_cli_writes_json_with_every_field(tmp_path):
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     result = subprocess.run(
-        [sys.executable, "-m", "sharedconv.bench", "--quick", "--suite", "masked",
+        [sys.executable, "-m", "sharedconv.lab.bench", "--quick", "--suite", "masked",
          "--rounds", "1", "--min-time", "0.001", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )

@@ -1,4 +1,4 @@
-"""sharedconv.diagrams: what is drawn matches the layer; figures render; bad input is refused."""
+"""sharedconv.lab.diagrams: drawings match the layer; figures render; bad input is refused."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from matplotlib.text import Text  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sharedconv  # noqa: E402
-from sharedconv import diagrams  # noqa: E402
-from sharedconv.diagrams import (  # noqa: E402
+from sharedconv.lab import diagrams  # noqa: E402
+from sharedconv.lab.diagrams import (  # noqa: E402
     draw_layer,
     draw_scheme,
     show_feature_maps,
@@ -408,14 +408,15 @@ def test_bad_arguments_get_a_clear_error(call, exc, match):
 
 
 def test_import_sharedconv_does_not_import_matplotlib():
-    code = ("import sys, sharedconv, sharedconv.diagrams; "
+    code = ("import sys, sharedconv, sharedconv.lab.diagrams; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_per_group_layer_is_drawn_as_one_group():
     """A layer that reads G from its input is drawn with its one bank (one group)."""
-    from sharedconv import SharedConv1d, diagrams
+    from sharedconv import SharedConv1d
+    from sharedconv.lab import diagrams
 
     layer = SharedConv1d.per_group(2, 3, 5)
     info = diagrams.draw_layer(layer)

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import sharedconv
+from sharedconv.lab.memory import saved_tensors
 from sharedconv.masked import (
     MaskedSharedConv1d,
     masked_shared_conv1d,
     naive_masked_shared_conv1d,
 )
-from sharedconv.memory import saved_tensors
 
 OPTIONS = [  # (stride, padding, dilation)
     (1, 0, 1), (1, 2, 1), (2, 1, 1), (1, "same", 2), (3, 3, 2), (1, "valid", 3), (2, 0, 2),
@@ -131,7 +131,7 @@ def test_errors(args, exc, fragments):
 
 def test_never_materialises_the_masked_tensor():
     """Forward and backward: no tensor is as large as B*T*D*L (the naive path makes one)."""
-    from sharedconv.memory import largest_tensor
+    from sharedconv.lab.memory import largest_tensor
 
     B, D, L, T, F_, k = 2, 16, 40, 12, 4, 5
     x = torch.randn(B, D, L, requires_grad=True)

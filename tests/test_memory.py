@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import sharedconv
-from sharedconv import baselines, memory
-from sharedconv.memory import flops, op_counts, parameter_bytes, saved_tensors
+from sharedconv.lab import baselines, memory
+from sharedconv.lab.memory import flops, op_counts, parameter_bytes, saved_tensors
 
 #: torch.func transforms accept saved-tensor hooks from torch 2.5 on
 FUNC_TAKES_HOOKS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
@@ -165,7 +165,7 @@ def test_parameter_bytes():
 
 
 def test_largest_tensor_sees_forward_and_backward():
-    from sharedconv.memory import largest_tensor
+    from sharedconv.lab.memory import largest_tensor
 
     x = torch.randn(100, 20, requires_grad=True)
     w = torch.randn(20, 30)

@@ -1,4 +1,4 @@
-"""The ranking case study: the synthetic task, the two models, training (sharedconv.ranking)."""
+"""The ranking case study: the synthetic task, the two models, training (sharedconv.lab.ranking)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sharedconv
-from sharedconv.ranking import (
+from sharedconv.lab.ranking import (
     FREQUENCIES,
     EquivariantLinear,
     MixingRanker,
@@ -249,7 +249,7 @@ def test_fit_errors(kwargs, error, match):
 
 
 def test_public_names():
-    assert sharedconv.ranking.__all__ == [
+    assert sharedconv.lab.ranking.__all__ == [
         "FREQUENCIES", "StreamSet", "make_streams", "permute_streams", "EquivariantLinear",
         "SharedRanker", "MixingRanker", "accuracy", "fit",
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -58,13 +59,15 @@ def test_the_wheel_holds_the_package_its_data_and_licences_not_the_tests(dist):
     assert f"sharedconv-{sharedconv.__version__}.dist-info/licenses/LICENSE" in names
     assert f"sharedconv-{sharedconv.__version__}.dist-info/licenses/LICENSE-BOOK" in names
     assert "sharedconv/py.typed" in names
-    stored = {n for n in names if n.startswith("sharedconv/results/") and n.endswith(".json")}
-    results = ROOT / "src/sharedconv/results"
-    on_disk = {f"sharedconv/results/{p.relative_to(results).as_posix()}"
+    stored = {n for n in names if n.startswith("sharedconv/lab/results/") and n.endswith(".json")}
+    results = ROOT / "src/sharedconv/lab/results"
+    on_disk = {f"sharedconv/lab/results/{p.relative_to(results).as_posix()}"
                for p in results.rglob("*.json")}
     assert stored == on_disk and stored  # the runs the chapters read at run time
     modules = {n for n in names if n.endswith(".py")}
-    assert {f"sharedconv/{p.name}" for p in (ROOT / "src/sharedconv").glob("*.py")} == modules
+    src = ROOT / "src"
+    assert {p.relative_to(src).as_posix() for p in (src / "sharedconv").rglob("*.py")} == modules
+    assert "sharedconv/lab/__init__.py" in modules  # the instruments' subpackage ships too
     assert not any(n.startswith(("tests/", "book/")) for n in names)
     meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(
         f"sharedconv-{sharedconv.__version__}.dist-info/METADATA"))
@@ -89,7 +92,7 @@ def test_the_wheel_installs_into_a_fresh_environment_and_imports(dist, tmp_path)
     (Path(site.stdout.strip()) / "torch-from-tests.pth").write_text(f"{torch_dir}\n")
     probe = (
         "import json, importlib.metadata, torch, sharedconv\n"
-        "from sharedconv import bench, roofline\n"
+        "from sharedconv.lab import bench, roofline\n"
         "layer = sharedconv.SharedConv1d(4, 4 * 3, 3, groups=4)\n"
         "y = layer(torch.randn(2, 4, 10))\n"
         "print(json.dumps({'file': sharedconv.__file__, 'version': sharedconv.__version__,\n"
@@ -103,6 +106,31 @@ def test_the_wheel_installs_into_a_fresh_environment_and_imports(dist, tmp_path)
     assert Path(seen["file"]).is_relative_to(env), seen["file"]  # the wheel's copy
     assert seen["version"] == seen["dist"] == sharedconv.__version__
     assert seen["shape"] == [2, 12, 8]  # no padding: 10 - 3 + 1
-    assert seen["runs"] == len(list((ROOT / "src/sharedconv/results").glob("*.json")))
-    rooflines = list((ROOT / "src/sharedconv/results/roofline").glob("*.json"))
+    assert seen["runs"] == len(list((ROOT / "src/sharedconv/lab/results").glob("*.json")))
+    rooflines = list((ROOT / "src/sharedconv/lab/results/roofline").glob("*.json"))
     assert seen["rooflines"] == len(rooflines) > 0
+
+
+def test_the_layers_never_import_the_instruments():
+    """``import sharedconv`` and a call of every layer load nothing of ``sharedconv.lab``."""
+    probe = (
+        "import sys, torch, sharedconv\n"
+        "x = torch.randn(2, 4, 10)\n"
+        "sharedconv.SharedConv1d(4, 8, 3, groups=4)(x)\n"
+        "sharedconv.SharedConvTranspose1d(4, 8, 3, groups=4)(x)\n"
+        "sharedconv.MaskedSharedConv1d(2, 3, 3)(torch.randn(2, 2, 10), torch.ones(2, 2, 10))\n"
+        "with sharedconv.autotune():\n"
+        "    sharedconv.SharedConv1d(4, 8, 3, groups=4)(x)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sharedconv.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = eval(result.stdout)
+    assert loaded and not [m for m in loaded if m.startswith("sharedconv.lab")], loaded
+    top = ROOT / "src" / "sharedconv"
+    names_lab = re.compile(r"^\s*(from\s+(\.+|sharedconv\.)lab\b|from\s+(\.|sharedconv)\s+"
+                           r"import\s.*\blab\b|import\s+sharedconv\.lab\b)", re.MULTILINE)
+    for path in top.glob("*.py"):  # and no layer module names it, even lazily
+        assert not names_lab.search(path.read_text()), path
+    assert names_lab.search("    from .lab import bench") and names_lab.search(
+        "from . import functional, lab")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sharedconv import roofline
+from sharedconv.lab import roofline
 
 SEED2 = dict(B=8, G=8900, D=100, L=512, F=50, k=3)
 
@@ -92,6 +92,6 @@ def test_measure_roof_is_positive_and_says_how():
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "sharedconv.roofline", "--help"],
+    out = subprocess.run([sys.executable, "-m", "sharedconv.lab.roofline", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--threads" in out and "--out" in out and "--shapes" in out

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sharedconv
 from sharedconv import tuning
-from sharedconv.memory import saved_tensors
+from sharedconv.lab.memory import saved_tensors
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import (
+from ..functional import (
     _as_tuple,
     _check_groups,
     _check_input,

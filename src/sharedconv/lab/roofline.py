@@ -10,12 +10,12 @@ the ridge :math:`P / \\beta` the step is memory-bound and can reach at most
 - :func:`measure_roof` measures :math:`\\beta` (a large tensor copy) and :math:`P` (square
   matrix products) on the device at hand, in a second or so.
 - :func:`exact_costs` counts :math:`W` and :math:`Q` of each approach exactly
-  (:func:`sharedconv.memory.step_cost`, on ``meta`` tensors: nothing is computed).
+  (:func:`sharedconv.lab.memory.step_cost`, on ``meta`` tensors: nothing is computed).
 - :func:`run` does both and times the approaches' training steps
-  (:func:`sharedconv.bench.compare`), in a fresh process with glibc's allocator tuned as
-  the benchmark does (:func:`sharedconv.bench.page_faults` shows why).
+  (:func:`sharedconv.lab.bench.compare`), in a fresh process with glibc's allocator tuned as
+  the benchmark does (:func:`sharedconv.lab.bench.page_faults` shows why).
 - :func:`table` and :func:`plot` show a run; :func:`stored_runs` are the runs that ship
-  with the package; ``python -m sharedconv.roofline`` writes one.
+  with the package; ``python -m sharedconv.lab.roofline`` writes one.
 
 The counted bytes are a model: every operator reads each argument and writes each result
 once, from and to main memory. Caches make a real step move less, so a point can sit
@@ -115,8 +115,8 @@ def exact_costs(shape: dict[str, int], approaches: tuple[str, ...] = APPROACHES,
     does. With ``unshared=True`` the result also has ``"unshared"``: ``nn.Conv1d`` with
     ``groups=G`` and its own ``G`` banks as parameters, what sharing saves.
     """
+    from ..functional import shared_conv
     from . import baselines
-    from .functional import shared_conv
 
     functions = {"layer": shared_conv, **baselines.BASELINES}
     unknown = [a for a in approaches if a not in functions]
@@ -202,7 +202,7 @@ def run(device: str | torch.device = "cpu", shapes: dict[str, dict[str, int]] | 
     env = {**os.environ}
     if sys.platform == "linux" and "LD_PRELOAD" not in env:
         env.update(bench.TUNED_ENV)
-    args = [sys.executable, "-m", "sharedconv.roofline", "--device", str(device),
+    args = [sys.executable, "-m", "sharedconv.lab.roofline", "--device", str(device),
             "--rounds", str(rounds), "--min-time", str(min_time), "--out", "-",
             "--shapes", json.dumps(shapes)]
     if threads is not None:
@@ -300,10 +300,10 @@ def plot(runs: list[dict[str, Any]], titles: list[str] | None = None) -> Any:
 
 
 def stored_runs() -> list[dict[str, Any]]:
-    """The roofline runs that ship with the package (``sharedconv/results/roofline/``)."""
+    """The roofline runs that ship with the package (``sharedconv/lab/results/roofline/``)."""
     from importlib.resources import files
 
-    folder = files("sharedconv") / "results" / "roofline"
+    folder = files("sharedconv.lab") / "results" / "roofline"
     runs = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
@@ -315,7 +315,7 @@ def stored_runs() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
-        prog="python -m sharedconv.roofline",
+        prog="python -m sharedconv.lab.roofline",
         description="Measure this device's roofline and place every approach's training "
                     "step under it (see the module's documentation).")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="JSON {name: {B, G, D, L, F, k}} (default: SHAPES)")
     parser.add_argument("--out", default=None,
                         help="JSON file, '-' for standard output (default: "
-                        "src/sharedconv/results/roofline/<device>[-<threads>t].json)")
+                        "src/sharedconv/lab/results/roofline/<device>[-<threads>t].json)")
     args = parser.parse_args(argv)
     device = args.device
     if device == "auto":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import SharedConv1d
+from ..modules import SharedConv1d
 
 __all__ = [
     "FREQUENCIES",

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m sharedconv.bench --help``.
+"""Benchmarks: ``python -m sharedconv.lab.bench --help``.
 
 Every suite compares several ways of computing the same thing, at several shapes. For each
 shape, the approaches are first checked to agree, then timed *interleaved* (round after
@@ -194,7 +194,7 @@ def _time_interleaved(
         _sync(device)
         return timers[name].timeit(number[name]).median
 
-    from .tuning import interleaved
+    from ..tuning import interleaved
 
     return interleaved({name: functools.partial(sample, name) for name in timers}, rounds)
 
@@ -208,7 +208,7 @@ def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
     the two first calls are kept beside it (they include the calls themselves and, for the
     first case of a process, one-time costs that any first call pays).
     """
-    from . import tuning
+    from .. import tuning
 
     tuning.clear_cache()
     _sync(device)
@@ -304,7 +304,7 @@ def masked_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     """Seed 2's masked inputs: the masked shared conv against the two naive paths."""
     import torch.nn.functional as F
 
-    from .masked import masked_shared_conv1d, naive_masked_shared_conv1d
+    from ..masked import masked_shared_conv1d, naive_masked_shared_conv1d
 
     shapes = [dict(B=4, L=256, T=512, D=64, F=32, k=5)]
     if quick:
@@ -371,7 +371,7 @@ def _conv_inputs(
 #: The approaches that are the tuner's own strategies, besides the layer (the fold).
 OWN = ("only_grouped", "only_unfold")
 
-#: The other ways people compute it (:mod:`sharedconv.baselines`), fold excluded.
+#: The other ways people compute it (:mod:`sharedconv.lab.baselines`), fold excluded.
 OTHERS = ("loop", "lift", "grouped_expand", "grouped_repeat", "vmap")
 
 
@@ -381,8 +381,8 @@ def _only(strategy: str, groups: int, padding: int) -> Callable[..., torch.Tenso
     The same call as the ``tuned`` approach (argument checks, key, dispatch), so that the two
     differ only in the strategies they run.
     """
-    from . import tuning
-    from .functional import shared_conv
+    from .. import tuning
+    from ..functional import shared_conv
 
     choice = tuning.Choice(strategy, strategy, strategy)
 
@@ -397,9 +397,10 @@ def _shared_cases(
     suite: str, shapes: list[dict[str, int]], device: torch.device, dtype: torch.dtype
 ) -> list[Case]:
     """The layer, the tuned layer and the tuner's strategies against every baseline of
-    :mod:`sharedconv.baselines`, at each shape."""
-    from . import baselines, tuning
-    from .functional import shared_conv
+    :mod:`sharedconv.lab.baselines`, at each shape."""
+    from .. import tuning
+    from ..functional import shared_conv
+    from . import baselines
 
     cases = []
     for shape in shapes:
@@ -512,7 +513,7 @@ def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
         return {}
     probe = (
         "import resource, time, torch\n"
-        "from sharedconv import baselines\n"
+        "from sharedconv.lab import baselines\n"
         "x, w = torch.randn(8, 64, 512), torch.randn(16, 1, 5)\n"
         "baselines.fold(x, w, None, groups=64, padding=2)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -533,7 +534,7 @@ def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sharedconv.bench",
+        prog="python -m sharedconv.lab.bench",
         description=(
             "Time, memory and FLOPs of the shared convolution against the other ways of "
             "computing it. Approaches are timed interleaved and reported as median ratios "
@@ -560,7 +561,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default: <device>.json, with -<threads>t, "
                         "-default-malloc and -quick where they apply, in "
-                        "src/sharedconv/results/ when run from the repository, where the "
+                        "src/sharedconv/lab/results/ when run from the repository, where the "
                         "book reads stored runs, else in the current folder)")
     return parser.parse_args(argv)
 
@@ -572,7 +573,7 @@ def _maybe_reexec(args: argparse.Namespace, argv: list[str]) -> None:
     if "LD_PRELOAD" in os.environ or any(k in os.environ for k in TUNED_ENV):
         return
     env = {**os.environ, **TUNED_ENV}
-    os.execve(sys.executable, [sys.executable, "-m", "sharedconv.bench", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", "sharedconv.lab.bench", *argv], env)
 
 
 def _table(records: list[dict[str, Any]]) -> str:
@@ -596,7 +597,7 @@ def _table(records: list[dict[str, Any]]) -> str:
 
 
 def stored_runs(device_type: str | None = None) -> list[dict[str, Any]]:
-    """The benchmark runs that ship with the package (``sharedconv/results/*.json``).
+    """The benchmark runs that ship with the package (``sharedconv/lab/results/*.json``).
 
     Each run is the JSON a full run of this program wrote: ``meta`` (the machine, the
     allocator, the settings) and ``results``. ``device_type`` (``"cpu"``, ``"cuda"``)
@@ -604,7 +605,7 @@ def stored_runs(device_type: str | None = None) -> list[dict[str, Any]]:
     """
     from importlib.resources import files
 
-    folder = files("sharedconv") / "results"
+    folder = files("sharedconv.lab") / "results"
     runs = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):

@@ -22,7 +22,7 @@ Every function returns what it drew (counts of tiles, distinct kernels, ...) so 
 and the book can check a picture against the layer it claims to show.
 
 matplotlib is imported only when a function here runs: ``import sharedconv`` and
-``import sharedconv.diagrams`` do not need it (``pip install 'sharedconv[diagrams]'``).
+``import sharedconv.lab.diagrams`` do not need it (``pip install 'sharedconv[diagrams]'``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .modules import _SharedConvNd
+from ..modules import _SharedConvNd
 
 __all__ = [
     "DiagramInfo",
@@ -172,7 +172,7 @@ def _matplotlib() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - matplotlib is installed for the tests
         raise ImportError(
-            "sharedconv.diagrams needs matplotlib: pip install 'sharedconv[diagrams]'"
+            "sharedconv.lab.diagrams needs matplotlib: pip install 'sharedconv[diagrams]'"
         ) from exc
     return plt
 
