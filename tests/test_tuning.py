@@ -35,10 +35,15 @@ def _refuse(candidates, device, part):
 
 
 class Forced:
-    """A fake timer: the strategy named for a part is fastest; records what it was asked."""
+    """A fake timer: the strategy named for a part is fastest; records what it was asked.
 
-    def __init__(self, forward="fold", input_grad="fold", weight_grad="fold"):
-        self.want = {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad}
+    ``step`` is what wins the whole-step check of a plan that is not all fold: ``"plan"``
+    (the chosen parts) or ``"fold"``.
+    """
+
+    def __init__(self, forward="fold", input_grad="fold", weight_grad="fold", step="plan"):
+        self.want = {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad,
+                     "step": step}
         self.asked: list[tuple[str, tuple[str, ...]]] = []
 
     def __call__(self, candidates, device, part):
@@ -92,7 +97,8 @@ def test_every_strategy_equals_tied_grouped_conv(dim, combo, options, bias, monk
         tuned = saved_tensors(layer, x_grad, exclude=[layer.weight])
     fold = saved_tensors(layer, x_grad, exclude=[layer.weight])
     assert tuned.nbytes == fold.nbytes > 0 and tuned.count == fold.count
-    assert [part for part, _ in forced.asked] == list(tuning.PARTS)
+    step = [] if combo == ("fold",) * 3 else ["step"]  # a plan other than the fold is checked
+    assert [part for part, _ in forced.asked] == [*tuning.PARTS, *step]
 
 
 @pytest.mark.parametrize("strategy", tuning.STRATEGIES)
@@ -164,15 +170,16 @@ def test_a_choice_is_reused_for_its_key_and_redone_for_a_new_one(monkeypatch):
     with sharedconv.autotune():
         for _ in range(3):
             layer(x).sum().backward()
-        assert [p for p, _ in forced.asked] == ["forward", "weight_grad"]  # once each
+        # once each, and the plan (grouped forward) checked as a whole step once
+        assert [p for p, _ in forced.asked] == ["forward", "weight_grad", "step"]
         with torch.no_grad():  # no gradient needed: a key of its own
             layer(x)
             layer(x)
-        assert len(forced.asked) == 3
+        assert len(forced.asked) == 4
         layer(torch.randn(3, 4, 30)).sum().backward()  # another batch size
-        assert len(forced.asked) == 5
+        assert len(forced.asked) == 7
         layer(x.detach().requires_grad_()).sum().backward()  # the input's gradient too
-        assert len(forced.asked) == 8
+        assert len(forced.asked) == 11
         before = torch.get_num_threads()
         torch.set_num_threads(1 if before > 1 else 2)
         try:
@@ -180,7 +187,7 @@ def test_a_choice_is_reused_for_its_key_and_redone_for_a_new_one(monkeypatch):
                 layer(x)
         finally:
             torch.set_num_threads(before)
-        assert len(forced.asked) == 9
+        assert len(forced.asked) == 12
     keys = list(tuning.cache())
     assert len(keys) == 5 and len(set(keys)) == 5
     assert {k.needs for k in keys} == {(False, True, True), (False, False, False),
@@ -188,21 +195,30 @@ def test_a_choice_is_reused_for_its_key_and_redone_for_a_new_one(monkeypatch):
 
 
 def test_candidates_stay_within_the_memory_bound():
-    o = tuning._Options(4096, (1,), (2,), (1,))
-    x = torch.empty(2, 4096 * 8, 32, device="meta")  # seed 2: thousands of groups
-    w = torch.empty(16, 8, 5, device="meta")
-    assert tuning._candidates(x, w, o) == ("fold", "unfold")  # 4096 banks > the input
-    assert "grouped" in tuning._candidates(torch.empty(2, 4096 * 8, 40, device="meta"), w, o)
+    # the folded input (B * G, D, *S): G copies of the bank may not outgrow both the input
+    # and the output, one sample's windows not the input
+    o = tuning._Options(4096, (1,), (15,), (1,))
+    x = torch.empty(2 * 4096, 8, 32, device="meta")  # thousands of groups, a wide kernel
+    w = torch.empty(16, 8, 31, device="meta")  # 4096 banks: 16.3 M > 2.1 M in, 4.2 M out
+    assert tuning._candidates(x, w, o) == ("fold", "unfold")
+    wider = torch.empty(2 * 4096, 8, 128, device="meta")  # 8.4 M in, 16.8 M out
+    assert "grouped" in tuning._candidates(wider, w, o)
     small = tuning._Options(4, (1,), (0,), (1,))
-    assert tuning._candidates(torch.empty(1, 4, 40), torch.empty(8, 1, 3), small) == (
+    assert tuning._candidates(torch.empty(4, 1, 40), torch.empty(8, 1, 3), small) == (
         "fold", "grouped", "unfold")
-    assert tuning._candidates(torch.empty(1, 4, 10), torch.empty(8, 1, 3), small) == (
-        "fold", "unfold")  # 4 copies of 24 weights: more than the 40 inputs
+    # 4 copies of 24 weights: more than the 40 inputs, fewer than the 4 * 8 * 8 outputs
+    assert "grouped" in tuning._candidates(torch.empty(4, 1, 10), torch.empty(8, 1, 3), small)
+    # 4 copies of 18 weights: more than the 48 inputs and the 4 * 2 * 4 outputs
+    assert tuning._candidates(torch.empty(4, 1, 12), torch.empty(2, 1, 9), small) == (
+        "fold", "unfold")
+    # a kernel longer than the input: an empty output, nothing but the fold
+    assert tuning._candidates(torch.empty(4, 1, 10), torch.empty(1, 1, 11), small) == (
+        "fold",)
     # one sample's windows larger than the whole input
-    assert "unfold" not in tuning._candidates(torch.empty(1, 4, 40), torch.empty(8, 1, 30),
+    assert "unfold" not in tuning._candidates(torch.empty(4, 1, 40), torch.empty(8, 1, 30),
                                               small)
     two_d = tuning._Options(4, (1, 1), (0, 0), (1, 1))
-    assert tuning._candidates(torch.empty(1, 4, 8, 8), torch.empty(2, 1, 3, 3), two_d) == (
+    assert tuning._candidates(torch.empty(4, 1, 8, 8), torch.empty(2, 1, 3, 3), two_d) == (
         "fold", "grouped")
     one = tuning._Options(1, (1, 1), (0, 0), (1, 1))
     assert tuning._candidates(torch.empty(1, 4, 8, 8), torch.empty(2, 4, 3, 3), one) == (
@@ -327,7 +343,8 @@ def test_measure_calls_each_candidate_interleaved():
     calls = []
     candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
     times = tuning.measure(candidates, torch.device("cpu"), rounds=3)
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert set(times) == {"a", "b"}
+    assert all(len(s) == 3 and min(s) >= 0 for s in times.values())  # one sample a round
     # a warm-up sample each, in order (an untimed call, then timed ones), then 3 samples
     # of an untimed call and timed calls each
     assert calls[:2] == ["a", "a"] and calls.count("a") >= 2 + 3 * 2
@@ -358,9 +375,12 @@ def test_only_the_needed_gradients_are_computed(needs, monkeypatch):
 def test_unbatched_and_strided_inputs(monkeypatch):
     monkeypatch.setattr(tuning, "timer", Forced("unfold", "grouped", "unfold"))
     layer = sharedconv.SharedConv1d(6, 12, 3, groups=3, padding=1, dtype=torch.float64)
-    strided = torch.randn(2, 40, 6, dtype=torch.float64).transpose(1, 2)
+    transposed = torch.randn(2, 40, 6, dtype=torch.float64).transpose(1, 2)  # folds by a copy
+    strided = torch.randn(2, 6, 80, dtype=torch.float64)[..., ::2]  # folds to a strided view
     with sharedconv.autotune():
-        assert_matches_grouped_conv(layer, strided, rtol=1e-12, atol=1e-12)
+        assert_matches_grouped_conv(layer, transposed, rtol=1e-12, atol=1e-12)
+        # (the helper clones its input, which makes a gappy tensor contiguous)
+        torch.testing.assert_close(layer(strided), tied_conv(layer)(strided))
         x = torch.randn(6, 40, dtype=torch.float64)
         torch.testing.assert_close(layer(x), tied_conv(layer)(x))
     assert {k.layout for k in tuning.cache()} == {"strided", "contiguous"}

@@ -240,15 +240,41 @@ def _groups_in(x: Tensor, in_per_group: int, n: int, who: str) -> int:
     return channels // in_per_group
 
 
-def _output_format(x: Tensor, weight: Tensor) -> torch.memory_format | None:
-    """``channels_last`` where ``nn.ConvNd`` would return it: either operand is stored so."""
+def _output_format(x: Tensor, weight: Tensor, groups: int, stride: Sequence[int],
+                   padding: str | Sequence[int], dilation: Sequence[int],
+                   output_padding: Sequence[int] | None = None,
+                   ) -> torch.memory_format | None:
+    """The memory format ``nn.ConvNd`` (``nn.ConvTransposeNd``) gives its output where it
+    is not the contiguous one; ``None`` where it is. ``output_padding`` (a sequence) says
+    the convolution is transposed; ``weight`` is the shared bank in the layer's layout.
+
+    Only an operand stored ``channels_last`` (``channels_last_3d``) can change it, and then
+    which kernel PyTorch picks decides (oneDNN and the 2-d CPU kernels keep
+    ``channels_last``, the 3-d CPU kernel for float64 does not, cuDNN keeps it except for
+    float64, ...). So the choice is left to PyTorch's own selector, asked about the grouped
+    convolution that the layer stands for; the ``groups`` copies of the bank are described
+    by a ``meta`` tensor, which holds no memory.
+    """
     fmt = _CHANNELS_LAST.get(x.dim())
     if fmt is None:
         return None
-    for t in (x, weight):
-        if t.dim() == x.dim() and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
-            return fmt
-    return None
+    if not any(t.dim() == x.dim() and not t.is_contiguous() and t.is_contiguous(
+            memory_format=fmt) for t in (x, weight)):
+        return None
+    n = x.dim() - 2
+    if torch.compiler.is_compiling():  # the selector is no graph op: keep it eager-only
+        return fmt
+    bank = torch.empty((groups * weight.shape[0], *weight.shape[1:]), dtype=weight.dtype,
+                       device="meta")
+    if not weight.is_contiguous() and weight.is_contiguous(memory_format=fmt):
+        bank = bank.contiguous(memory_format=fmt)
+    pad = [0] * n if isinstance(padding, str) else list(padding)
+    transposed = output_padding is not None
+    backend = torch._C._select_conv_backend(
+        x, bank, None, list(stride), pad, list(dilation), transposed,
+        list(output_padding) if transposed else [0] * n, groups, None)
+    chosen = torch._C._conv_determine_backend_memory_format(x, bank, backend)
+    return fmt if chosen == fmt else None
 
 
 def _fold_conv(
@@ -266,27 +292,31 @@ def _fold_conv(
     n = weight.dim() - 2
     if not batched:
         x = x.unsqueeze(0)
+    out_format = _output_format(x, weight, groups, stride, padding, dilation)
+    batch = x.shape[0]
+    # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise
+    # (channels_last memory keeps the channels innermost, not next to the batch).
+    folded = x.reshape(batch * groups, weight.shape[1], *x.shape[2:])
     if padding_mode != "zeros" or (padding == "same" and _uneven_same(weight, dilation)):
         # Pad explicitly: the non-zero modes always, and an uneven 'same' too (ATen would
         # make the same zero-padded copy, with a warning). Padding acts on the spatial
-        # dimensions only, so it is the same before and after the fold.
+        # dimensions only, so it is the same after the fold as before it; padding the
+        # folded tensor keeps its sizes plain products (torch.export with a dynamic length
+        # needs that).
         pads = _explicit_padding(padding, weight.shape[2:], dilation)
         if any(pads):
             mode = "constant" if padding_mode == "zeros" else padding_mode
-            x = F.pad(x, pads, mode=mode)
+            folded = F.pad(folded, pads, mode=mode)
         padding = (0,) * n
-    out_format = _output_format(x, weight)
-    if tuning._ENABLED and tuning._applies(x, weight, groups):
-        sym = _explicit_padding(padding, weight.shape[2:], dilation)[::2][::-1]  # symmetric
-        out = tuning._conv(x, weight, bias, stride, sym, dilation, groups)
+    if (not torch.compiler.is_compiling() and tuning._STATE.enabled
+            and tuning._applies(folded, weight)):
+        if isinstance(padding, str):  # 'valid', or an even 'same': symmetric
+            padding = _explicit_padding(padding, weight.shape[2:], dilation)[::2][::-1]
+        out = tuning._conv(folded, weight, bias, stride, padding, dilation, groups)
     else:
-        batch, spatial = x.shape[0], x.shape[2:]
-        # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise
-        # (channels_last memory keeps the channels innermost, not next to the batch).
-        folded = x.reshape(batch * groups, weight.shape[1], *spatial)
         out = _CONV[n](folded, weight, bias, stride, padding, dilation)
-        # (B*G, F, *S_out) -> (B, G*F, *S_out): a view of a contiguous output.
-        out = out.reshape(batch, groups * weight.shape[0], *out.shape[2:])
+    # (B*G, F, *S_out) -> (B, G*F, *S_out): a view of a contiguous output.
+    out = out.reshape(batch, groups * weight.shape[0], *out.shape[2:])
     if out_format is not None:  # as nn.ConvNd returns for channels_last operands
         out = out.contiguous(memory_format=out_format)
     return out if batched else out.squeeze(0)

@@ -144,7 +144,7 @@ def _layer_conv_transpose(
         dilation, batched, who,
     )
     x = input if batched else input.unsqueeze(0)
-    out_format = _output_format(x, weight)
+    out_format = _output_format(x, weight, groups, stride, padding, dilation, output_padding)
     batch, spatial = x.shape[0], x.shape[2:]
     # (B, G*D, *S) -> (B*G, D, *S): a view for contiguous inputs, a copy otherwise.
     folded = x.reshape(batch * groups, weight.shape[0], *spatial)

@@ -14,10 +14,10 @@ of guessing:
             loss = criterion(model(x), y)
             loss.backward()
 
-On the first eager call for a new key (device, dtype, input shape and layout, bank shape,
-stride, padding, dilation, groups, which gradients are needed, ``torch.get_num_threads()``)
-every correct *strategy* is timed on the actual tensors and the fastest is cached; later
-calls with that key reuse it. The strategies are
+On the first eager call for a new key (device, dtype, the folded input's shape and layout,
+bank shape, stride, padding, dilation, groups, which gradients are needed,
+``torch.get_num_threads()``) every correct *strategy* is timed on the actual tensors;
+later calls with that key reuse the choice. The strategies are
 
 ``fold``
     the default: one convolution on the folded view;
@@ -29,47 +29,66 @@ calls with that key reuse it. The strategies are
     (``im2col``), processed a few samples at a time so that the windows stay in the
     CPU's level-2 cache (its size is read from the operating system).
 
-Why the fold is not always fastest: on a CPU its convolution runs in oneDNN, whose kernels
-block channels by the vector width (16 float32 with AVX-512, 8 with AVX2) and are built
-for convolutions that mix many channels; with one channel per group they are thin, and
-the grouped or unfolded strategies can beat them. Which one does changes with the
-instruction set and the shape (``MAINTAINERS.md`` in the repository has the details).
+**A choice is a measured win, or the fold.** Each candidate is sampled in interleaved
+rounds (:func:`measure`); a strategy other than the fold is chosen only when its median
+beats the fold's by more than the spread of the samples (the larger interquartile range
+of the two), so a difference that the machine's noise could have made keeps the fold.
+The medians and spreads are kept in the cache entry (:class:`Choice`).
 
 When gradients are needed, the forward, the input gradient and the weight gradient are
 chosen *each by its own timing* (the backward parts on the first backward pass, with the
 real output gradient), so a step may run its forward one way and its backward another.
-Whatever the choice, autograd keeps only the input and the one bank, as the fold does;
-a strategy whose temporaries would be larger than the input (``G`` bank copies for many
-groups, windows of a tiny batch) is not tried, so memory never grows with the number of
-groups.
+Whatever the choice, autograd keeps the folded input and the one bank, exactly what the
+fold's convolution keeps, so a recomputation (activation checkpointing, inside or outside
+the block) saves the same tensors as the original pass. A strategy whose temporaries would
+be larger than the input (``G`` bank copies for many groups, windows of a tiny batch) is
+not tried, so memory never grows with the number of groups.
 
-Under ``torch.compile``, ``torch.export``, ``torch.jit`` tracing, ``torch.func`` transforms,
-forward-mode AD, autocast, CUDA graph capture, tensor subclasses and dispatch modes, the
-fold runs (under a dispatch mode, such as ``FlopCounterMode``, a choice already cached is
-still used, but nothing is timed). The cache can be read (:func:`cache`), saved and loaded
-(:func:`save_cache`, :func:`load_cache`) so a run can be reproduced; :func:`clear_cache`
-empties it. Timing goes through :data:`timer`, which tests may replace.
+**Where nothing is timed.** Under ``torch.compile``, ``torch.export``, ``torch.jit``
+tracing, ``torch.func`` transforms, forward-mode AD, autocast, CUDA graph capture and tensor
+subclasses the fold runs. While a dispatch or function mode is active (``FlopCounterMode``,
+fake tensors, the book's cost counters) nothing is timed, in the forward or the backward: a
+choice already cached is used, a part not yet chosen runs the fold and stays unchosen.
+
+**Per thread.** Whether tuning is on is a setting of the calling thread, as
+``torch.autocast`` is: a block in one thread does not tune another thread's calls. The
+cache is shared by the threads of the process and safe to use from several at once.
+
+**Bounded.** The cache keeps at most :data:`CACHE_LIMIT` keys; the oldest is dropped when
+a new one would exceed it. Keys are exact shapes, so training on many sequence lengths
+would tune each one: ``autotune(dynamic=True)`` keys the batch and spatial sizes rounded up
+to powers of two instead, so that one tuning serves every length from ``2**(j-1) + 1`` to
+``2**j`` (a strategy whose memory rule a particular call breaks runs the fold there).
+
+The cache can be read (:func:`cache`), saved and loaded (:func:`save_cache`,
+:func:`load_cache`) so a run can be reproduced; :func:`clear_cache` empties it. Timing goes
+through :data:`timer`, which tests may replace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
+import math
 import os
 import random
 import statistics
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "CACHE_LIMIT",
     "Choice",
     "Key",
     "STRATEGIES",
@@ -77,6 +96,7 @@ __all__ = [
     "cache",
     "clear_cache",
     "enable",
+    "interleaved",
     "is_enabled",
     "load_cache",
     "measure",
@@ -89,54 +109,93 @@ STRATEGIES = ("fold", "grouped", "unfold")
 #: The parts of a convolution that are chosen separately.
 PARTS = ("forward", "input_grad", "weight_grad")
 
-_ENABLED = False
+#: The most keys the cache holds; the oldest is dropped to make room for a new one.
+CACHE_LIMIT = 1024
+
+#: Interleaved rounds per tuning: each candidate is sampled this many times.
+ROUNDS = 7
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_LAYOUTS = ("contiguous", "channels_last", "strided")
+_SIZES = ("exact", "pow2")
+#: Tensors that are no subclass with behaviour of its own (a parameter is a plain tensor).
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 # ------------------------------------------------------------------------------ switch
 
 
-@contextlib.contextmanager
-def autotune(enabled: bool = True) -> Iterator[None]:
-    """Autotune the shared convolutions run inside this block (``enabled=False``: don't).
+class _ThreadState(threading.local):
+    """The calling thread's settings; every thread starts with tuning off."""
 
-    Restores the previous setting on exit, so blocks nest. Also usable as a decorator.
-    :func:`sharedconv.tuning.enable` is the global switch.
+    enabled: bool = False
+    dynamic: bool = False
+    forced: Choice | None = None
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[bool, bool]] = []  # the settings the open blocks replaced
+
+
+_STATE = _ThreadState()
+
+
+class autotune(contextlib.ContextDecorator):
+    """Autotune the shared convolutions this thread runs inside the block.
+
+    ``enabled=False`` turns tuning off inside the block. ``dynamic=True`` keys the batch
+    and spatial sizes rounded up to powers of two, for inputs whose length varies (see the
+    module's documentation). Restores the thread's previous setting on exit, so blocks
+    nest; also usable as a decorator. Other threads are not affected.
     """
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED = previous
+
+    def __init__(self, enabled: bool = True, *, dynamic: bool = False) -> None:
+        self.enabled, self.dynamic = bool(enabled), bool(dynamic)
+
+    def __enter__(self) -> None:
+        state = _STATE
+        state.saved.append((state.enabled, state.dynamic))
+        state.enabled, state.dynamic = self.enabled, self.dynamic
+
+    def __exit__(self, *exc: object) -> None:
+        state = _STATE
+        state.enabled, state.dynamic = state.saved.pop()
 
 
-def enable(enabled: bool = True) -> None:
-    """Turn autotuning on (or off) for the whole process, like ``cudnn.benchmark = True``."""
-    global _ENABLED
-    _ENABLED = bool(enabled)
+def enable(enabled: bool = True, *, dynamic: bool = False) -> None:
+    """Turn autotuning on (or off) for the calling thread until changed, like
+    ``torch.set_autocast_enabled``; other threads keep their own setting."""
+    _STATE.enabled, _STATE.dynamic = bool(enabled), bool(dynamic)
 
 
 def is_enabled() -> bool:
-    """Whether shared convolutions are autotuned now."""
-    return _ENABLED
+    """Whether this thread's shared convolutions are autotuned now."""
+    return _STATE.enabled
 
 
-def _applies(x: Tensor, weight: Tensor, groups: int) -> bool:
+def _autocasting(x: Tensor) -> bool:
+    """Autocast is on for ``x``'s device (any device, where torch can say so cheaply)."""
+    anywhere = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if anywhere is not None:
+        return bool(anywhere())
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _applies(x: Tensor, weight: Tensor) -> bool:
     """Whether an eager call may leave the fold: nothing is tracing, transforming or casting."""
+    if type(x) not in _PLAIN or type(weight) not in _PLAIN:
+        return False
     if (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._are_functorch_transforms_active()
+        torch._C._are_functorch_transforms_active()
         or torch.autograd.forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
     ):
         return False
-    if type(x) is not Tensor or not isinstance(weight, Tensor) or x.numel() == 0:
-        return False
-    if x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
-        return False
-    return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if x.is_cpu:
+        return not (_autocasting(x) or x.is_complex() or x.numel() == 0)
+    if x.is_cuda:
+        return not (_autocasting(x) or x.is_complex() or x.numel() == 0
+                    or torch.cuda.is_current_stream_capturing())
+    return False
 
 
 def _modes_active() -> bool:
@@ -150,9 +209,14 @@ def _modes_active() -> bool:
 
 
 class Key(NamedTuple):
-    """What a tuned choice is valid for. ``input`` is the shape after explicit padding
-    (non-zero padding modes and uneven ``'same'`` are applied before the convolution),
-    so the padding mode is part of it."""
+    """What a tuned choice is valid for.
+
+    ``input`` is the shape of the folded input ``(B * G, D, *S)`` after explicit padding
+    (non-zero padding modes and uneven ``'same'`` are applied before the convolution), so
+    the padding mode is part of it; ``padding`` is what the convolution itself pads.
+    ``sizes`` is ``"exact"``, or ``"pow2"`` when the first and spatial sizes of ``input``
+    were rounded up to powers of two (``autotune(dynamic=True)``).
+    """
 
     device: str
     dtype: str
@@ -166,21 +230,24 @@ class Key(NamedTuple):
     groups: int
     needs: tuple[bool, bool, bool]
     threads: int
+    sizes: str = "exact"
 
 
 @dataclass
 class Choice:
-    """The strategy chosen for each part, and the seconds each candidate took.
+    """The strategy chosen for each part, with what its choice rests on.
 
     ``input_grad`` and ``weight_grad`` stay ``None`` until a backward pass needed them.
-    ``timings[part][strategy]`` is the median of the timed calls; ``tuning_s[part]`` the
-    wall time that tuning the part cost, warm-up included.
+    ``timings[part][strategy]`` is the median seconds of the candidate's samples,
+    ``spread[part][strategy]`` their interquartile range (seconds), and ``tuning_s[part]``
+    the wall time that tuning the part cost, warm-up included.
     """
 
     forward: str
     input_grad: str | None = None
     weight_grad: str | None = None
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)
     tuning_s: dict[str, float] = field(default_factory=dict)
 
     def is_fold(self, needs: tuple[bool, bool, bool]) -> bool:
@@ -189,55 +256,211 @@ class Choice:
             not needs[1] or self.weight_grad == "fold")
 
 
-_CACHE: dict[Key, Choice] = {}
+#: The cache: a call's raw key (:func:`_raw`, cheap to build) -> its :class:`Key` and the
+#: choice. Insertion-ordered, so the first entry is the oldest.
+_CACHE: dict[tuple, tuple[Key, Choice]] = {}
+_LOCK = threading.RLock()
 
-#: A choice that every tuned call uses instead of the cache (the benchmark's strategies).
-_FORCED: Choice | None = None
+
+def _store(key: Key, choice: Choice, raw: tuple | None = None) -> None:
+    raw = _raw_of(key) if raw is None else raw
+    with _LOCK:
+        _CACHE.pop(raw, None)
+        while len(_CACHE) >= CACHE_LIMIT:
+            del _CACHE[next(iter(_CACHE))]
+        _CACHE[raw] = (key, choice)
+
+
+def _raw_of(key: Key) -> tuple:
+    """The raw key of a :class:`Key`: what :func:`_conv` builds for a call of that key."""
+    return (tuple(key.input), getattr(torch, key.dtype), torch.device(key.device), key.layout,
+            tuple(key.bank), key.bias, tuple(key.stride), tuple(key.padding),
+            tuple(key.dilation), key.groups, tuple(key.needs), key.threads, key.sizes)
+
+
+def _key_of(raw: tuple) -> Key:
+    (shape, dtype, device, layout, bank, bias, stride, padding, dilation, groups, needs,
+     threads, sizes) = raw
+    return Key(str(device), str(dtype).removeprefix("torch."), tuple(shape), layout,
+               tuple(bank), bias, stride, padding, dilation, groups, needs, threads, sizes)
 
 
 @contextlib.contextmanager
 def _force(choice: Choice) -> Iterator[None]:
-    """Tune as ``autotune`` does, but run ``choice`` for every key, timing nothing."""
-    global _ENABLED, _FORCED
-    previous = _ENABLED, _FORCED
-    _ENABLED, _FORCED = True, choice
+    """Tune as ``autotune`` does in this thread, but run ``choice`` for every key, timing
+    nothing (the benchmark's single-strategy approaches)."""
+    state = _STATE
+    previous = state.enabled, state.forced
+    state.enabled, state.forced = True, choice
     try:
         yield
     finally:
-        _ENABLED, _FORCED = previous
+        state.enabled, state.forced = previous
 
 
 def cache() -> dict[Key, Choice]:
-    """The tuned choices so far (a copy): key, the strategy per part and its timings."""
-    return dict(_CACHE)
+    """A snapshot of the tuned choices: key, the strategy per part and its timings."""
+    with _LOCK:
+        return {key: copy.deepcopy(choice) for key, choice in _CACHE.values()}
 
 
 def clear_cache() -> None:
     """Forget every choice: the next call of each shape is timed again."""
-    _CACHE.clear()
+    with _LOCK:
+        _CACHE.clear()
 
 
 def save_cache(path: str | os.PathLike) -> None:
-    """Write the cache as JSON, to reproduce a run's choices with :func:`load_cache`."""
-    entries = [{"key": key._asdict(), **asdict(choice)} for key, choice in _CACHE.items()]
-    Path(path).write_text(json.dumps(entries, indent=1) + "\n")
+    """Write a snapshot of the cache as JSON, for :func:`load_cache` to reproduce a run.
+
+    The file is written whole or not at all (a temporary file in the same folder, then
+    renamed), so a reader never sees half of it.
+    """
+    with _LOCK:
+        entries = [{"key": key._asdict(), **asdict(choice)} for key, choice in _CACHE.values()]
+    text = json.dumps(entries, indent=1) + "\n"
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                               dir=target.parent if str(target.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_cache(path: str | os.PathLike) -> int:
     """Add the choices saved by :func:`save_cache` (they replace equal keys); return how many.
 
-    Loaded choices are used as they are, without timing: a run on the same machine then
-    makes the same choices as the run that saved them.
+    Every entry is checked before any is added: a complete key, known strategies, each one
+    valid for the key (``unfold`` for 1-d only, ``grouped`` and ``unfold`` within the
+    memory rule that tuning applies), the timings as numbers. A file that fails a check
+    adds nothing and raises :class:`ValueError` naming the file and the entry. Loaded
+    choices are used as they are, without timing: a run on the same machine then makes
+    the same choices as the run that saved them.
     """
-    entries = json.loads(Path(path).read_text())
-    for entry in entries:
-        raw = entry.pop("key")
-        key = Key._make(tuple(v) if isinstance(v, list) else v for v in map(raw.get, Key._fields))
-        unknown = {entry.get(p) for p in PARTS} - {None, *STRATEGIES}
-        if unknown:
-            raise ValueError(f"load_cache: unknown strategy {unknown.pop()!r} in {path}")
-        _CACHE[key] = Choice(**entry)
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"load_cache: cannot read {path} as JSON: {error}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"load_cache: {path} must hold a JSON list of entries, got "
+                         f"{type(entries).__name__}")
+    if len(entries) > CACHE_LIMIT:
+        raise ValueError(f"load_cache: {path} holds {len(entries)} entries, more than the "
+                         f"cache's limit of {CACHE_LIMIT}")
+    loaded: dict[Key, Choice] = {}
+    for index, entry in enumerate(entries):
+        try:
+            key, choice = _parse_entry(entry)
+        except ValueError as error:
+            raise ValueError(f"load_cache: {path}, entry {index}: {error}") from None
+        loaded[key] = choice
+    for key, choice in loaded.items():
+        _store(key, choice)
     return len(entries)
+
+
+def _ints(value: Any, what: str, length: int | None = None, minimum: int = 0
+          ) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+            type(v) is int and v >= minimum for v in value):
+        raise ValueError(f"{what} must be a list of ints >= {minimum}, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{what} must have {length} values, got {value!r}")
+    return tuple(value)
+
+
+def _parse_entry(entry: Any) -> tuple[Key, Choice]:
+    """One saved entry as a (key, choice) pair, every field checked; ValueError otherwise."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"an entry must be an object, got {type(entry).__name__}")
+    raw = entry.get("key")
+    if not isinstance(raw, dict) or set(raw) != set(Key._fields):
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"'key' must be an object with the fields {list(Key._fields)}, "
+                         f"got {found}")
+    try:
+        device = torch.device(raw["device"])
+    except (RuntimeError, TypeError):
+        raise ValueError(f"'device' {raw['device']!r} is not a torch device") from None
+    if not isinstance(getattr(torch, str(raw["dtype"]), None), torch.dtype):
+        raise ValueError(f"'dtype' {raw['dtype']!r} is not a torch dtype")
+    bank = _ints(raw["bank"], "'bank'", minimum=1)
+    if not 3 <= len(bank) <= 5:
+        raise ValueError(f"'bank' must have 3 to 5 sizes, got {list(bank)}")
+    n = len(bank) - 2
+    shape = _ints(raw["input"], "'input'", length=len(bank))
+    if shape[1] != bank[1]:
+        raise ValueError(f"'input' {list(shape)} must have the bank's {bank[1]} channels")
+    for name in ("layout", "sizes"):
+        allowed = _LAYOUTS if name == "layout" else _SIZES
+        if raw[name] not in allowed:
+            raise ValueError(f"'{name}' must be one of {allowed}, got {raw[name]!r}")
+    flags = raw["needs"]
+    if not (isinstance(flags, list) and len(flags) == 3
+            and all(isinstance(v, bool) for v in flags)):
+        raise ValueError(f"'needs' must be a list of 3 booleans, got {flags!r}")
+    if not isinstance(raw["bias"], bool):
+        raise ValueError(f"'bias' must be a boolean, got {raw['bias']!r}")
+    for name in ("groups", "threads"):
+        if type(raw[name]) is not int or raw[name] < 1:
+            raise ValueError(f"'{name}' must be a positive int, got {raw[name]!r}")
+    if shape[0] % raw["groups"]:
+        raise ValueError(f"'input' {list(shape)} must hold a multiple of groups="
+                         f"{raw['groups']} samples")
+    key = Key(str(device), raw["dtype"], shape, raw["layout"], bank, raw["bias"],
+              _ints(raw["stride"], "'stride'", n, 1), _ints(raw["padding"], "'padding'", n),
+              _ints(raw["dilation"], "'dilation'", n, 1), raw["groups"], tuple(flags),
+              raw["threads"], raw["sizes"])
+    unknown = set(entry) - {"key", *PARTS, "timings", "spread", "tuning_s"}
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    allowed = _candidate_names(key.input, key.bank, _options(key))
+    parts = {}
+    for part in PARTS:
+        name = entry.get(part)
+        needed = part == "forward" or key.needs[PARTS.index(part) - 1]
+        if name is None and part != "forward":
+            parts[part] = None
+            continue
+        if name not in STRATEGIES:
+            raise ValueError(f"{part!r}: unknown strategy {name!r} (known: {STRATEGIES})")
+        if not needed:
+            raise ValueError(f"{part!r} is {name!r} for a key that does not need it")
+        if name not in allowed:
+            raise ValueError(f"{part!r}: {name!r} is not valid for this key (valid: "
+                             f"{allowed}: 'unfold' is 1-d only, and 'grouped' and 'unfold' "
+                             "only where their temporaries are no larger than the input)")
+        parts[part] = name
+    extras: dict[str, Any] = {}
+    for name in ("timings", "spread"):
+        table = entry.get(name, {})
+        if not (isinstance(table, dict) and all(
+                p in _TIMED and isinstance(t, dict) and all(
+                    s in _TIMED[p] and _seconds(v) for s, v in t.items())
+                for p, t in table.items())):
+            raise ValueError(f"{name!r} must map parts to strategies to seconds, got "
+                             f"{table!r}")
+        extras[name] = {p: dict(t) for p, t in table.items()}
+    spent = entry.get("tuning_s", {})
+    if not (isinstance(spent, dict) and all(p in _TIMED and _seconds(v)
+                                            for p, v in spent.items())):
+        raise ValueError(f"'tuning_s' must map parts to seconds, got {spent!r}")
+    return key, Choice(parts["forward"], parts["input_grad"], parts["weight_grad"],
+                       extras["timings"], extras["spread"], dict(spent))
+
+
+#: What a choice's timings may name: each part's strategies, and the whole step ("plan",
+#: the chosen parts together, against the fold).
+_TIMED = {**{part: STRATEGIES for part in PARTS}, "step": ("fold", "plan")}
+
+
+def _seconds(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
 
 
 # ------------------------------------------------------------------------------ timing
@@ -245,9 +468,9 @@ def load_cache(path: str | os.PathLike) -> int:
 
 def measure(
     candidates: dict[str, Callable[[], object]], device: torch.device, part: str = "",
-    rounds: int = 5,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed interleaved on ``device``.
+    rounds: int = ROUNDS,
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one sample per round, timed interleaved.
 
     ``part`` (``"forward"``, ``"input_grad"`` or ``"weight_grad"``) says what is timed;
     the measurement does not depend on it.
@@ -273,13 +496,13 @@ def measure(
 
     number = {name: max(1, min(50, round(5e-4 / max(seconds(fn, 1), 1e-9))))
               for name, fn in candidates.items()}
-    return interleaved({name: functools.partial(seconds, fn, number[name])
-                        for name, fn in candidates.items()}, rounds)
+    return _samples({name: functools.partial(seconds, fn, number[name])
+                     for name, fn in candidates.items()}, rounds)
 
 
-def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """The median of ``rounds`` samples of each sampler, all of them sampled once per round
-    in a shuffled (seeded, so reproducible) order."""
+def _samples(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """``rounds`` samples of each sampler, all of them sampled once per round in a
+    shuffled (seeded, so reproducible) order."""
     samples: dict[str, list[float]] = {name: [] for name in samplers}
     order = list(samplers)
     rng = random.Random(0)
@@ -287,32 +510,86 @@ def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[s
         rng.shuffle(order)
         for name in order:
             samples[name].append(samplers[name]())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
-#: The function that times candidates, ``timer(candidates, device, part) -> {name: seconds}``:
-#: :func:`measure` by default; tests replace it to check which strategy is picked.
-timer: Callable[[dict[str, Callable[[], object]], torch.device, str], dict[str, float]] = measure
+def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The median of ``rounds`` samples of each sampler, sampled as :func:`measure` does."""
+    return {name: statistics.median(values)
+            for name, values in _samples(samplers, rounds).items()}
+
+
+#: The function that times candidates, ``timer(candidates, device, part)``, returning each
+#: candidate's samples in seconds: :func:`measure` by default; tests replace it to check
+#: which strategy is picked.
+timer: Callable[[dict[str, Callable[[], object]], torch.device, str],
+                dict[str, Sequence[float]]] = measure
+
+
+def _spread(values: Sequence[float]) -> float:
+    """The interquartile range of ``values`` (zero for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
+
+
+#: The least win, as a share of the fold's median, for which another strategy is chosen,
+#: on top of beating the spread: a policy, not a measurement. Half the held-out goal's
+#: tolerance (10 %), so a win given up costs less than the goal allows.
+MARGIN = 0.05
+
+
+def _decide(samples: dict[str, Sequence[float]]) -> tuple[str, dict[str, float],
+                                                          dict[str, float]]:
+    """The strategy to run from each candidate's samples: the fastest median, unless that
+    is not the fold and its win over the fold is within the samples' spread (the larger
+    interquartile range of the two) or below :data:`MARGIN` of the fold's median."""
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    spreads = {name: _spread(s) for name, s in samples.items()}
+    order = {name: i for i, name in enumerate(("fold", *STRATEGIES[1:], "plan"))}
+    fastest = min(medians, key=lambda name: (medians[name], order[name]))
+    if fastest != "fold":
+        win = medians["fold"] - medians[fastest]
+        if win <= max(spreads["fold"], spreads[fastest], MARGIN * medians["fold"]):
+            fastest = "fold"
+    return fastest, medians, spreads
 
 
 def _pick(choice: Choice, part: str, candidates: dict[str, Callable[[], object]],
           device: torch.device) -> str:
-    """Time ``candidates`` for ``part`` (one needs no timing), record and return the fastest."""
+    """Time ``candidates`` for ``part`` (one needs no timing); record and return the choice.
+
+    ``part="step"`` compares the chosen parts as a whole training step (``"plan"``) with
+    the fold's; its timings are recorded, the decision is the caller's to apply.
+    """
     if len(candidates) == 1:
         (best,) = candidates
-        choice.timings[part] = {}
+        timings: dict[str, float] = {}
+        spreads: dict[str, float] = {}
+        spent = None
     else:
         start = time.perf_counter()
         with torch.no_grad():
-            times = timer(candidates, device, part)
-        choice.tuning_s[part] = time.perf_counter() - start
-        choice.timings[part] = dict(times)
-        best = min(candidates, key=lambda name: (times[name], STRATEGIES.index(name)))
-    setattr(choice, part, best)
+            raw = timer(candidates, device, part)
+        spent = time.perf_counter() - start
+        samples = {name: [float(v) for v in (s if isinstance(s, (list, tuple)) else [s])]
+                   for name, s in raw.items()}
+        best, timings, spreads = _decide(samples)
+    with _LOCK:
+        choice.timings[part], choice.spread[part] = timings, spreads
+        if spent is not None:
+            choice.tuning_s[part] = spent
+        if part in PARTS:
+            setattr(choice, part, best)
     return best
 
 
 # -------------------------------------------------------------------------- strategies
+#
+# Every strategy takes the folded input ``xf`` of shape (B * G, D, *S), already padded
+# where the padding is explicit, and returns (or takes the gradient of) the folded output
+# (B * G, F, *S_out).
 
 
 class _Options(NamedTuple):
@@ -320,6 +597,10 @@ class _Options(NamedTuple):
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
+
+
+def _options(key: Key) -> _Options:
+    return _Options(key.groups, key.stride, key.padding, key.dilation)
 
 
 def _repeat_bank(weight: Tensor, groups: int) -> Tensor:
@@ -336,45 +617,45 @@ def _bw(grad: Tensor, x: Tensor, weight: Tensor, bias_size: int | None, o: _Opti
         list(o.padding), list(o.dilation), False, [0] * n, groups, mask)
 
 
-def _folded(t: Tensor, groups: int) -> Tensor:
-    """``(B, G * C, *S)`` as ``(B * G, C, *S)``."""
-    return t.reshape(t.shape[0] * groups, t.shape[1] // groups, *t.shape[2:])
+def _unfolded(t: Tensor, groups: int) -> Tensor:
+    """``(B * G, C, *S)`` as ``(B, G * C, *S)``."""
+    return t.reshape(t.shape[0] // groups, groups * t.shape[1], *t.shape[2:])
 
 
-def _fold_forward(x: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
-    out = _CONV[w.dim() - 2](_folded(x, o.groups), w, b, o.stride, o.padding, o.dilation)
-    return out.reshape(x.shape[0], o.groups * w.shape[0], *out.shape[2:])
+def _fold_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
+    return _CONV[w.dim() - 2](xf, w, b, o.stride, o.padding, o.dilation)
 
 
-def _fold_input_grad(grad: Tensor, x: Tensor, w: Tensor, o: _Options) -> Tensor:
-    gx = _bw(_folded(grad, o.groups), _folded(x, o.groups), w, None, o, 1,
-             [True, False, False])[0]
-    return gx.reshape(x.shape)
+def _fold_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tensor:
+    return _bw(grad, xf, w, None, o, 1, [True, False, False])[0]
 
 
-def _fold_weight_grad(grad: Tensor, x: Tensor, w: Tensor, o: _Options, need_bias: bool
+def _fold_weight_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options, need_bias: bool
                       ) -> tuple[Tensor, Tensor | None]:
-    _, gw, gb = _bw(_folded(grad, o.groups), _folded(x, o.groups), w,
-                    w.shape[0] if need_bias else None, o, 1, [False, True, need_bias])
+    _, gw, gb = _bw(grad, xf, w, w.shape[0] if need_bias else None, o, 1,
+                    [False, True, need_bias])
     return gw, gb if need_bias else None
 
 
-def _grouped_forward(x: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
+def _grouped_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
     bias = None if b is None else b.repeat(o.groups)
-    return _CONV[w.dim() - 2](x, _repeat_bank(w, o.groups), bias, o.stride, o.padding,
-                              o.dilation, o.groups)
+    out = _CONV[w.dim() - 2](_unfolded(xf, o.groups), _repeat_bank(w, o.groups), bias,
+                             o.stride, o.padding, o.dilation, o.groups)
+    return out.reshape(xf.shape[0], w.shape[0], *out.shape[2:])
 
 
-def _grouped_input_grad(grad: Tensor, x: Tensor, w: Tensor, o: _Options) -> Tensor:
-    return _bw(grad, x, _repeat_bank(w, o.groups), None, o, o.groups,
-               [True, False, False])[0]
+def _grouped_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tensor:
+    g = o.groups
+    gx = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g), None, o, g,
+             [True, False, False])[0]
+    return gx.reshape(xf.shape)
 
 
-def _grouped_weight_grad(grad: Tensor, x: Tensor, w: Tensor, o: _Options, need_bias: bool
+def _grouped_weight_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options, need_bias: bool
                          ) -> tuple[Tensor, Tensor | None]:
     g, f = o.groups, w.shape[0]
-    _, gw, gb = _bw(grad, x, _repeat_bank(w, g), g * f if need_bias else None, o, g,
-                    [False, True, need_bias])
+    _, gw, gb = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g),
+                    g * f if need_bias else None, o, g, [False, True, need_bias])
     return gw.view(g, *w.shape).sum(0), gb.view(g, f).sum(0) if need_bias else None
 
 
@@ -403,10 +684,8 @@ def _chunks(n: int, per_sample: int, x: Tensor) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _samples(x: Tensor, groups: int, padding: int) -> Tensor:
-    """``x`` ``(B, G * D, L)`` as ``(B * G, D, L + 2 * padding)``, zero-padded."""
-    folded = _folded(x, groups)
-    return F.pad(folded, (padding, padding)) if padding else folded
+def _padded(xf: Tensor, padding: int) -> Tensor:
+    return F.pad(xf, (padding, padding)) if padding else xf
 
 
 def _windows(samples: Tensor, k: int, stride: int, dilation: int) -> Tensor:
@@ -426,56 +705,54 @@ def _out_length(length: int, k: int, o: _Options) -> int:
     return (length + 2 * o.padding[0] - o.dilation[0] * (k - 1) - 1) // o.stride[0] + 1
 
 
-def _unfold_forward(x: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
+def _unfold_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
     """``bank (F, D*k) @ windows (D*k, L_out)`` for every sample, chunk by chunk."""
     f_out, d, k = w.shape
-    samples = _samples(x, o.groups, o.padding[0])
-    n, out_len = samples.shape[0], _out_length(x.shape[2], k, o)
+    samples = _padded(xf, o.padding[0])
+    n, out_len = samples.shape[0], _out_length(xf.shape[2], k, o)
     bank = w.reshape(1, f_out, d * k)
     out = samples.new_empty(n, f_out, out_len)
-    for i, j in _chunks(n, d * k * out_len * x.element_size(), x):
+    for i, j in _chunks(n, d * k * out_len * xf.element_size(), xf):
         windows = _windows(samples[i:j], k, o.stride[0], o.dilation[0])
         banks = bank.expand(j - i, f_out, d * k)
         if b is None:
             torch.bmm(banks, windows, out=out[i:j])
         else:
             torch.baddbmm(b.view(1, f_out, 1), banks, windows, out=out[i:j])
-    return out.view(x.shape[0], o.groups * f_out, out_len)
+    return out
 
 
-def _unfold_input_grad(grad: Tensor, x: Tensor, w: Tensor, o: _Options) -> Tensor:
+def _unfold_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tensor:
     """``bank^T @ grad`` is the gradient of every window; its ``k`` taps are added back at
     their offsets with ``k`` strided additions."""
     f_out, d, k = w.shape
-    n, length, pad = x.shape[0] * o.groups, x.shape[2], o.padding[0]
+    n, length, pad = xf.shape[0], xf.shape[2], o.padding[0]
     stride, dilation = o.stride[0], o.dilation[0]
-    per_sample = grad.reshape(n, f_out, grad.shape[2])
-    out_len = per_sample.shape[2]
+    out_len = grad.shape[2]
     bank_t = w.reshape(1, f_out, d * k).transpose(1, 2)
-    gx = per_sample.new_zeros(n, d, length + 2 * pad)
-    for i, j in _chunks(n, d * k * out_len * x.element_size(), x):
-        per_tap = torch.bmm(bank_t.expand(j - i, d * k, f_out), per_sample[i:j])
+    gx = grad.new_zeros(n, d, length + 2 * pad)
+    for i, j in _chunks(n, d * k * out_len * xf.element_size(), xf):
+        per_tap = torch.bmm(bank_t.expand(j - i, d * k, f_out), grad[i:j])
         per_tap = per_tap.view(j - i, d, k, out_len)
         for tap in range(k):
             start = tap * dilation
             gx[i:j, :, start:start + stride * (out_len - 1) + 1:stride] += per_tap[:, :, tap]
-    return gx[:, :, pad:pad + length].reshape(x.shape)
+    return gx[:, :, pad:pad + length]
 
 
-def _unfold_weight_grad(grad: Tensor, x: Tensor, w: Tensor, o: _Options, need_bias: bool
+def _unfold_weight_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options, need_bias: bool
                         ) -> tuple[Tensor, Tensor | None]:
     """``grad @ windows^T`` summed over the samples, the windows made again chunk by chunk."""
     f_out, d, k = w.shape
-    samples = _samples(x, o.groups, o.padding[0])
+    samples = _padded(xf, o.padding[0])
     n = samples.shape[0]
-    per_sample = grad.reshape(n, f_out, grad.shape[2])
     gw: Tensor | None = None
-    for i, j in _chunks(n, d * k * per_sample.shape[2] * x.element_size(), x):
+    for i, j in _chunks(n, d * k * grad.shape[2] * xf.element_size(), xf):
         windows = _windows(samples[i:j], k, o.stride[0], o.dilation[0])
-        part = torch.bmm(per_sample[i:j], windows.transpose(1, 2)).sum(0)
+        part = torch.bmm(grad[i:j], windows.transpose(1, 2)).sum(0)
         gw = part if gw is None else gw + part
     assert gw is not None
-    return gw.view(w.shape), per_sample.sum((0, 2)) if need_bias else None
+    return gw.view(w.shape), grad.sum((0, 2)) if need_bias else None
 
 
 _FORWARD = {"fold": _fold_forward, "grouped": _grouped_forward, "unfold": _unfold_forward}
@@ -485,107 +762,198 @@ _WEIGHT_GRAD = {"fold": _fold_weight_grad, "grouped": _grouped_weight_grad,
                 "unfold": _unfold_weight_grad}
 
 
-def _candidates(x: Tensor, w: Tensor, o: _Options) -> tuple[str, ...]:
-    """The strategies worth timing: correct, and with temporaries no larger than the input."""
+def _candidate_names(shape: Sequence[int], bank: Sequence[int], o: _Options
+                     ) -> tuple[str, ...]:
+    """The strategies worth timing for a folded input of ``shape`` and a bank of ``bank``:
+    correct, and with temporaries no larger than the tensors a step holds anyway (the
+    ``groups`` copies of the bank no larger than the input or the output, one sample's
+    windows no larger than the input)."""
     names = ["fold"]
-    if o.groups > 1 and o.groups * w.numel() <= x.numel():
+    numel = math.prod(shape)
+    out = [(size + 2 * p - r * (k - 1) - 1) // s + 1 for size, k, s, p, r in zip(
+        shape[2:], bank[2:], o.stride, o.padding, o.dilation, strict=True)]
+    if min(out) < 1:
+        return ("fold",)
+    out_numel = shape[0] * bank[0] * math.prod(out)
+    if o.groups > 1 and o.groups * math.prod(bank) <= max(numel, out_numel):
         names.append("grouped")
-    if w.dim() == 3:
-        d, k = w.shape[1], w.shape[2]
-        out_len = _out_length(x.shape[2], k, o)
-        if out_len > 0 and d * k * out_len <= x.numel():  # one sample's windows
-            names.append("unfold")
+    if len(bank) == 3 and bank[1] * bank[2] * out[0] <= numel:  # one sample's windows
+        names.append("unfold")
     return tuple(names)
+
+
+def _candidates(xf: Tensor, w: Tensor, o: _Options) -> tuple[str, ...]:
+    """The strategies worth timing for the folded input ``xf`` and the bank ``w``."""
+    return _candidate_names(xf.shape, w.shape, o)
 
 
 # ---------------------------------------------------------------------------- the call
 
 
-class _TunedConv(torch.autograd.Function):
-    """The shared convolution with each part run by the strategy chosen for it.
+def _may_time() -> bool:
+    return not (_modes_active() or torch._C._are_functorch_transforms_active())
 
-    Saves the input and the one bank, as the fold's convolution does; copies and windows
-    live only inside the part that uses them. The backward is written in differentiable
-    operations, so a second derivative works as for the fold.
+
+class _TunedConv(torch.autograd.Function):
+    """The shared convolution of the folded input with each part run by its strategy.
+
+    Saves the folded input and the one bank, as the fold's convolution does; copies and
+    windows live only inside the part that uses them. The backward is written in
+    differentiable operations, so a second derivative works as for the fold.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, o, key, choice):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.o, ctx.key, ctx.choice, ctx.has_bias = o, key, choice, bias is not None
-        return _FORWARD[choice.forward](x, weight, bias, o)
+    def forward(ctx, xf, weight, bias, o, choice, exact):  # type: ignore[override]
+        ctx.save_for_backward(xf, weight)
+        ctx.o, ctx.choice, ctx.exact, ctx.has_bias = o, choice, exact, bias is not None
+        return _FORWARD[_usable(choice.forward, xf, weight, o, exact)](xf, weight, bias, o)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        xf, weight = ctx.saved_tensors
         o, choice = ctx.o, ctx.choice
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        gx = gw = gb = None
-        names = _candidates(x, weight, o)
-        if need_x:
-            how = choice.input_grad
-            if how is None:
-                how = _pick(choice, "input_grad", {
-                    n: (lambda n=n: _INPUT_GRAD[n](grad, x, weight, o)) for n in names},
-                    x.device)
-            gx = _INPUT_GRAD[how](grad, x, weight, o)
-        if need_w:
-            how = choice.weight_grad
-            if how is None:
-                how = _pick(choice, "weight_grad", {
-                    n: (lambda n=n: _WEIGHT_GRAD[n](grad, x, weight, o, need_b))
-                    for n in names}, x.device)
-            gw, gb = _WEIGHT_GRAD[how](grad, x, weight, o, need_b)
-        elif need_b:
-            gb = grad.reshape(x.shape[0] * o.groups, weight.shape[0], -1).sum((0, 2))
+        needs = (need_x, need_w, need_b and ctx.has_bias)
+        if torch._C._are_functorch_transforms_active():
+            # is_grads_batched and the like: the fold, whose operators have batching rules
+            ways = ("fold", "fold")
+        else:
+            missing = ((need_x and choice.input_grad is None)
+                       or (need_w and choice.weight_grad is None))
+            if missing and _may_time():  # (under a counting mode: the fold, chosen later)
+                _tune_backward(choice, grad, xf, weight, o, needs, ctx.has_bias)
+            ways = tuple(_usable(name or "fold", xf, weight, o, ctx.exact)
+                         for name in (choice.input_grad, choice.weight_grad))
+        gx, gw, gb = _backward(ways, grad, xf, weight, o, needs)
         return gx, gw, gb, None, None, None
 
 
-def _key(x: Tensor, w: Tensor, b: Tensor | None, o: _Options,
-         needs: tuple[bool, bool, bool]) -> Key:
-    if x.is_contiguous():
-        layout = "contiguous"
-    elif x.dim() in (4, 5) and x.is_contiguous(
-            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d):
-        layout = "channels_last"
-    else:
-        layout = "strided"
-    return Key(str(x.device), str(x.dtype).removeprefix("torch."), tuple(x.shape), layout,
-               tuple(w.shape), b is not None, o.stride, o.padding, o.dilation, o.groups,
-               needs, torch.get_num_threads())
+def _backward(ways: tuple[str, ...], grad: Tensor, xf: Tensor, w: Tensor, o: _Options,
+              needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+    """The gradients ``needs`` asks for, the input's by ``ways[0]`` and the bank's (and the
+    bias's) by ``ways[1]``; one call of PyTorch's convolution backward where both run the
+    fold or both the grouped convolution."""
+    need_x, need_w, need_b = needs
+    gx = gw = gb = None
+    if need_x and need_w and ways[0] == ways[1] != "unfold":
+        if ways[0] == "fold":
+            gx, gw, gb = _bw(grad, xf, w, w.shape[0] if need_b else None, o, 1,
+                             [True, True, need_b])
+        else:
+            g, f = o.groups, w.shape[0]
+            gx, gw, gb = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g),
+                             g * f if need_b else None, o, g, [True, True, need_b])
+            gx, gw = gx.reshape(xf.shape), gw.view(g, *w.shape).sum(0)
+            gb = gb.view(g, f).sum(0) if need_b else None
+        return gx, gw, gb if need_b else None
+    if need_x:
+        gx = _INPUT_GRAD[ways[0]](grad, xf, w, o)
+    if need_w:
+        gw, gb = _WEIGHT_GRAD[ways[1]](grad, xf, w, o, need_b)
+    elif need_b:
+        gb = grad.sum([0, *range(2, grad.dim())])
+    return gx, gw, gb
 
 
-def _run(x: Tensor, w: Tensor, b: Tensor | None, o: _Options, key: Key, choice: Choice
-         ) -> Tensor:
-    """Apply ``choice``: the plain fold where it chose the fold for every part."""
-    if not any(key.needs):
-        return _FORWARD[choice.forward](x, w, b, o)
-    if choice.is_fold(key.needs):
-        return _fold_forward(x, w, b, o)
-    return _TunedConv.apply(x, w, b, o, key, choice)
+def _tune_backward(choice: Choice, grad: Tensor, xf: Tensor, w: Tensor, o: _Options,
+                   needs: tuple[bool, bool, bool], has_bias: bool) -> None:
+    """Choose the backward parts a step needs, each by its own timing, then time the whole
+    training step so chosen against the fold's: unless it wins by more than the spread,
+    every part of the key goes back to the fold."""
+    names = _candidates(xf, w, o)
+    need_x, need_w, need_b = needs
+    if need_x and choice.input_grad is None:
+        _pick(choice, "input_grad", {n: functools.partial(_INPUT_GRAD[n], grad, xf, w, o)
+                                     for n in names}, xf.device)
+    if need_w and choice.weight_grad is None:
+        _pick(choice, "weight_grad", {
+            n: functools.partial(_WEIGHT_GRAD[n], grad, xf, w, o, need_b) for n in names},
+            xf.device)
+    if choice.is_fold((need_x, need_w, need_b)):
+        return
+    plan = Choice(choice.forward, choice.input_grad, choice.weight_grad)
+    bias = w.new_zeros(w.shape[0]) if has_bias else None
+
+    def step(tuned: bool) -> Callable[[], object]:
+        def run() -> object:
+            with torch.enable_grad():
+                x_ = xf.detach().requires_grad_(need_x)
+                w_ = w.detach().requires_grad_(need_w)
+                b_ = None if bias is None else bias.detach().requires_grad_(need_b)
+                y = (_TunedConv.apply(x_, w_, b_, o, plan, True) if tuned
+                     else _fold_forward(x_, w_, b_, o))
+                leaves = [t for t in (x_, w_, b_) if t is not None and t.requires_grad]
+                return torch.autograd.grad(y, leaves, grad)
+        return run
+
+    if _pick(choice, "step", {"fold": step(False), "plan": step(True)}, xf.device) == "fold":
+        with _LOCK:
+            choice.forward = "fold"
+            choice.input_grad = "fold" if need_x else choice.input_grad
+            choice.weight_grad = "fold" if need_w else choice.weight_grad
 
 
-def _conv(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
+def _usable(name: str, xf: Tensor, w: Tensor, o: _Options, exact: bool) -> str:
+    """``name``, or the fold where a choice made for rounded sizes breaks this call's
+    memory rule (exact keys were checked when they were tuned or loaded)."""
+    if exact or name == "fold" or name in _candidates(xf, w, o):
+        return name
+    return "fold"
+
+
+def _pow2(size: int) -> int:
+    return 1 << max(0, size - 1).bit_length()
+
+
+def _layout(xf: Tensor) -> str:
+    if xf.is_contiguous():
+        return "contiguous"
+    if xf.dim() in (4, 5) and xf.is_contiguous(
+            memory_format=torch.channels_last if xf.dim() == 4 else torch.channels_last_3d):
+        return "channels_last"
+    return "strided"
+
+
+def _conv(xf: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
           padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
-    """The tuned shared convolution of a batched, padded input (called by the fold)."""
-    o = _Options(groups, tuple(stride), tuple(padding), tuple(dilation))
+    """The tuned shared convolution of the folded, padded input ``(B * G, D, *S)``; returns
+    the folded output ``(B * G, F, *S_out)``. Called for every eager call inside
+    :func:`autotune`: the path to a cached choice builds one tuple and looks it up."""
     grad = torch.is_grad_enabled()
-    needs = (grad and x.requires_grad, grad and w.requires_grad,
+    needs = (grad and xf.requires_grad, grad and w.requires_grad,
              grad and b is not None and b.requires_grad)
-    key = _key(x, w, b, o, needs)
-    choice = _FORCED or _CACHE.get(key)
-    if choice is None:
-        if _modes_active():
-            return _fold_forward(x, w, b, o)
-        names = _candidates(x, w, o)
+    state = _STATE
+    shape = xf.shape
+    if state.dynamic:
+        shape = (groups * _pow2(shape[0] // groups), shape[1], *map(_pow2, shape[2:]))
+    raw = (shape, xf.dtype, xf.device, _layout(xf), w.shape, b is not None, stride, padding,
+           dilation, groups, needs, torch.get_num_threads(), "pow2" if state.dynamic
+           else "exact")
+    forced = state.forced
+    entry = None if forced is not None else _CACHE.get(raw)
+    o = _Options(groups, stride, padding, dilation)
+    if forced is not None:
+        choice = forced
+    elif entry is not None:
+        choice = entry[1]
+    else:
+        if not _may_time():
+            return _fold_forward(xf, w, b, o)
+        names = _candidates(xf, w, o)
         if names == ("fold",):  # nothing to choose between, for any part
-            choice = Choice("fold", "fold", "fold", {p: {} for p in PARTS})
+            choice = Choice("fold", "fold", "fold", {p: {} for p in PARTS},
+                            {p: {} for p in PARTS})
         else:
             choice = Choice(forward="fold")
-            def forward(name: str) -> Callable[[], object]:
-                return lambda: _FORWARD[name](x, w, b, o)
 
-            _pick(choice, "forward", {n: forward(n) for n in names}, x.device)
-        _CACHE[key] = choice
-    return _run(x, w, b, o, key, choice)
+            def forward(name: str) -> Callable[[], object]:
+                return lambda: _FORWARD[name](xf, w, b, o)
+
+            _pick(choice, "forward", {n: forward(n) for n in names}, xf.device)
+        _store(_key_of(raw), choice, raw)
+    exact = forced is None and not state.dynamic
+    if not (needs[0] or needs[1] or needs[2]):
+        return _FORWARD[_usable(choice.forward, xf, w, o, exact)](xf, w, b, o)
+    if choice.is_fold(needs):
+        return _fold_forward(xf, w, b, o)
+    return _TunedConv.apply(xf, w, b, o, choice, exact)

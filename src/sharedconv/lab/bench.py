@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -418,7 +420,7 @@ def _shared_cases(
         approaches = [Approach("layer", layer, (x, w, b), (w, b)),
                       Approach("tuned", tuned, (x, w, b), (w, b), tuned=True)]
         o = tuning._Options(G, (1,), (k // 2,), (1,))
-        for strategy in tuning._candidates(x, w, o)[1:]:
+        for strategy in tuning._candidates(x.reshape(B * G, D, L), w, o)[1:]:
             approaches.append(Approach(f"only_{strategy}", _only(strategy, G, k // 2),
                                        (x, w, b), (w, b)))
         for name, fn in baselines.BASELINES.items():
@@ -461,10 +463,99 @@ def groups_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[
     return _shared_cases("groups", shapes, device, dtype)
 
 
+#: The seed of the held-out shapes (``--seed``): another seed draws shapes never seen.
+HELDOUT_SEED = 0
+
+#: The loop is among the held-out suite's other approaches up to this many groups.
+HELDOUT_LOOP_GROUPS = 16
+
+
+def heldout_shapes(seed: int, count: int) -> list[dict[str, Any]]:
+    """``count`` random shapes outside the benchmark's grids, drawn from ``seed``.
+
+    1-d and 2-d; batch 1 to 32, groups 2 to 1000, channels per group 1 to 16, filters 4
+    to 64 (log-uniform); kernel 1 to 9 (1-d) or 1 to 5 (2-d); stride and dilation 1 or 2;
+    padding ``'same'`` (stride 1), half the kernel's span, or none; lengths 16 to 1024
+    (1-d), sides 8 to 48 (2-d). Shapes whose input or output would exceed 2**22 elements
+    are drawn again, so each one times in about a second.
+    """
+    import random
+
+    rng = random.Random(seed)
+
+    def log_int(low: int, high: int) -> int:
+        return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+    shapes: list[dict[str, Any]] = []
+    while len(shapes) < count:
+        dim = rng.choice((1, 2))
+        B, G, D, F_ = log_int(1, 32), log_int(2, 1000), log_int(1, 16), log_int(4, 64)
+        k = rng.choice((1, 3, 5, 7, 9) if dim == 1 else (1, 3, 5))
+        stride, dilation = rng.choice((1, 2)), rng.choice((1, 2))
+        span = dilation * (k - 1)
+        padding: int | str = rng.choice(("same", span // 2, 0) if stride == 1
+                                        else (span // 2, 0))
+        size = [log_int(16, 1024)] if dim == 1 else [log_int(8, 48), log_int(8, 48)]
+        pad = span // 2 if padding == "same" else int(padding)
+        out = [(s + 2 * pad - span - 1) // stride + 1 for s in size]
+        if min(out) < 1:
+            continue
+        if B * G * D * math.prod(size) > 2**22 or B * G * F_ * math.prod(out) > 2**22:
+            continue
+        shapes.append(dict(dim=dim, B=B, G=G, D=D, F=F_, k=k, stride=stride,
+                           dilation=dilation, padding=padding, size=size))
+    return shapes
+
+
+def heldout_cases(device: torch.device, dtype: torch.dtype, quick: bool,
+                  seed: int | None = None, count: int | None = None) -> list[Case]:
+    """The tuned layer against the bare fold, the grouped convolution on expanded banks
+    and (for a few groups) the loop, at random shapes (:func:`heldout_shapes`)."""
+    from .. import tuning
+    from ..functional import shared_conv
+    from . import baselines
+
+    seed = HELDOUT_SEED if seed is None else seed
+    count = count or (3 if quick else 24)
+    cases = []
+    for shape in heldout_shapes(seed, count):
+        dim, B, G, D, F_, k = (shape[n] for n in ("dim", "B", "G", "D", "F", "k"))
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(B, G * D, *shape["size"], generator=g).to(device, dtype)
+        bound = 1 / (D * k**dim) ** 0.5
+        w = ((torch.rand(F_, D, *(k,) * dim, generator=g) * 2 - 1) * bound).to(device, dtype)
+        b = ((torch.rand(F_, generator=g) * 2 - 1) * bound).to(device, dtype)
+        x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+        options = dict(groups=G, stride=shape["stride"], padding=shape["padding"],
+                       dilation=shape["dilation"])
+
+        def layer(x, w, b, options=options):
+            return shared_conv(x, w, b, **options)
+
+        def tuned(x, w, b, options=options):
+            with tuning.autotune():
+                return shared_conv(x, w, b, **options)
+
+        # "layer_again" is the layer a second time: how far two timings of the same code
+        # fall apart in this run, the resolution of every ratio (not an approach)
+        approaches = [Approach("layer", layer, (x, w, b), (w, b)),
+                      Approach("tuned", tuned, (x, w, b), (w, b), tuned=True),
+                      Approach("layer_again", layer, (x, w, b), (w, b))]
+        names = ["grouped_expand"] + (["loop"] if G <= HELDOUT_LOOP_GROUPS else [])
+        for name in names:
+            fn = baselines.BASELINES[name]
+            approaches.append(Approach(
+                name, lambda x, w, b, fn=fn, o=options: fn(x, w, b, **o), (x, w, b), (w, b)))
+        cases.append(Case("heldout", shape, approaches, reference="layer",
+                          notes={"seed": seed}))
+    return cases
+
+
 SUITES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
     "streams": streams_cases,
     "groups": groups_cases,
     "masked": masked_cases,
+    "heldout": heldout_cases,
 }
 
 
@@ -542,7 +633,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--suite", action="append", choices=sorted(SUITES),
-                        help="suite(s) to run (repeatable; default: all)")
+                        help="suite(s) to run (repeatable; default: all but heldout)")
     parser.add_argument("--quick", action="store_true",
                         help="one small shape per suite, few rounds (well under a minute)")
     parser.add_argument("--device", default="auto",
@@ -558,6 +649,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="interleaved rounds (default 15, quick 3)")
     parser.add_argument("--min-time", type=float, default=None,
                         help="seconds per timed sample (default 0.1, quick 0.05)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of the heldout suite's random shapes (default "
+                        f"{HELDOUT_SEED}; any other draws shapes never measured)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="how many heldout shapes (default 24, quick 3)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default: <device>.json, with -<threads>t, "
                         "-default-malloc and -quick where they apply, in "
@@ -654,6 +750,67 @@ def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+#: The tuner's bound on held-out shapes: the tuned layer over the fastest other approach.
+HELDOUT_GOAL = 1.10
+
+
+def heldout_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each held-out shape and pass: the tuned layer over the fastest other approach
+    (the bare fold, the grouped convolution on expanded banks, the loop where timed), the
+    other that was fastest, the tuned strategies, and what tuning the keys cost."""
+    rows = []
+    for rec in records:
+        ap = rec["approaches"]
+        if rec.get("suite") != "heldout":
+            continue
+        row: dict[str, Any] = {"shape": rec["shape"]}
+        for kind in ("forward", "forward_backward"):
+            t = {n: a[f"{kind}_s"] for n, a in ap.items()}
+            others = [n for n in t if n not in ("tuned", "layer_again")]
+            best = min(others, key=t.__getitem__)
+            row[kind] = {"tuned_vs_other": t["tuned"] / t[best], "best_other": best,
+                         "tuned_vs_fold": t["tuned"] / t["layer"],
+                         "same_code": t["layer_again"] / t["layer"]}
+        choices = ap["tuned"]["tuning"]["choices"]
+        row["choices"] = {kind: "/".join(str(c[p]) for p in ("forward", "input_grad",
+                                                              "weight_grad") if c[p])
+                          for kind, c in choices.items()}
+        row["tuning_s"] = {kind: sum(c["tuning_s"].values()) for kind, c in choices.items()}
+        rows.append(row)
+    return rows
+
+
+def heldout_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`heldout_rows` as text, ratios above :data:`HELDOUT_GOAL` starred, and a
+    summary line per pass."""
+    def shape_text(s: dict[str, Any]) -> str:
+        size = "x".join(map(str, s["size"]))
+        return (f"{s['dim']}d B{s['B']} G{s['G']} D{s['D']} F{s['F']} k{s['k']} "
+                f"s{s['stride']} r{s['dilation']} p{s['padding']} {size}")
+
+    lines = [f"{'shape':48s} {'fwd':>6s} {'fwd+bwd':>8s} {'same code':>10s} "
+             f"{'best other':>15s} {'tuned (fwd | step)':>26s} {'tuning ms':>10s}"]
+    for row in rows:
+        cells = [f"{row[k]['tuned_vs_other']:.2f}"
+                 f"{'*' if row[k]['tuned_vs_other'] > HELDOUT_GOAL else ' '}"
+                 for k in ("forward", "forward_backward")]
+        chosen = " | ".join(row["choices"].get(k, "-") for k in ("forward",
+                                                                  "forward_backward"))
+        spent = sum(row["tuning_s"].values()) * 1e3
+        same = "/".join(f"{row[k]['same_code']:.2f}" for k in ("forward", "forward_backward"))
+        lines.append(f"{shape_text(row['shape']):48s} {cells[0]:>6s} {cells[1]:>8s} "
+                     f"{same:>10s} {row['forward_backward']['best_other']:>15s} "
+                     f"{chosen:>26s} {spent:10.1f}")
+    for kind in ("forward", "forward_backward"):
+        ratios = sorted(r[kind]["tuned_vs_other"] for r in rows)
+        if ratios:
+            over = sum(v > HELDOUT_GOAL for v in ratios)
+            lines.append(f"{kind}: tuned / fastest other: median {statistics.median(ratios):.3f}"
+                         f", worst {ratios[-1]:.3f}, {over} of {len(ratios)} above "
+                         f"{HELDOUT_GOAL}")
+    return "\n".join(lines)
+
+
 #: Bounds of the goal, each a ratio of medians from one run, for the default layer over
 #: the bare fold, the tuned layer over the fastest of its own strategies, and the tuned
 #: layer over the fastest other approach.
@@ -695,7 +852,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # computation then stay apart).
     rounds = args.rounds or (3 if args.quick else 15)
     min_time = args.min_time or (0.05 if args.quick else 0.1)
-    suites = args.suite or sorted(SUITES)
+    suites = args.suite or [s for s in sorted(SUITES) if s != "heldout"]
 
     meta = {
         **run_meta(device),
@@ -709,7 +866,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"dtype: {args.dtype}", flush=True)
     records = []
     for suite in suites:
-        cases = SUITES[suite](device, dtype, args.quick)
+        if suite == "heldout":
+            cases = heldout_cases(device, dtype, args.quick, args.seed, args.count)
+        else:
+            cases = SUITES[suite](device, dtype, args.quick)
         for i, case in enumerate(cases, 1):
             print(f"[{suite} {i}/{len(cases)}] {case.shape} ...", end=" ", flush=True)
             start = time.perf_counter()
@@ -722,6 +882,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     goal = goal_rows(records)
     if goal:
         print("\n" + goal_table(goal))
+    held = heldout_rows(records)
+    if held:
+        print("\n" + heldout_table(held))
 
     result = {"meta": meta, "results": records}
     out = args.out
@@ -733,7 +896,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name += "-default-malloc"
         if args.quick:
             name += "-quick"
-        stored = Path("src") / "sharedconv" / "results"
+        stored = Path("src") / "sharedconv" / "lab" / "results"
         out = (stored if stored.is_dir() else Path()) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # keep the other suites' results of an earlier run

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name = bench._slug(result["meta"]["device"].split(" (")[0])
         if device == "cpu":
             name += f"-{result['meta']['threads']}t"
-        out = Path("src") / "sharedconv" / "results" / "roofline" / f"{name}.json"
+        out = Path("src") / "sharedconv" / "lab" / "results" / "roofline" / f"{name}.json"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
