@@ -451,3 +451,37 @@ def test_real_timer_on_cuda_picks_a_candidate():
     (choice,) = tuning.cache().values()
     assert {choice.forward, choice.input_grad, choice.weight_grad} <= set(tuning.STRATEGIES)
     assert set(choice.timings["forward"]) == {"fold", "grouped", "unfold"}
+
+
+@pytest.mark.parametrize("samples,expected", [
+    # a clear win: grouped's slowest sample beats the fold's fastest, by far more than 5 %
+    ({"fold": [10, 10.2, 10.1, 9.9, 10], "grouped": [7, 7.1, 6.9, 7, 7.2]}, "grouped"),
+    # a win of 8 % in the medians, within the fold's spread (interquartile range 1.5)
+    ({"fold": [8, 10, 10, 11.5, 12], "grouped": [9.2, 9.2, 9.2, 9.2, 9.2]}, "fold"),
+    # a steady win of 3 %: beyond the spread, below the 5 % margin
+    ({"fold": [10, 10, 10, 10, 10], "grouped": [9.7, 9.7, 9.7, 9.7, 9.7]}, "fold"),
+    # the fold fastest
+    ({"fold": [5, 5, 5], "grouped": [6, 6, 6], "unfold": [7, 7, 7]}, "fold"),
+    # of two winners the faster
+    ({"fold": [10] * 5, "grouped": [8] * 5, "unfold": [6] * 5}, "unfold"),
+])
+def test_a_strategy_is_chosen_only_for_a_win_beyond_spread_and_margin(samples, expected):
+    best, medians, spreads = tuning._decide(samples)
+    assert best == expected
+    assert set(medians) == set(spreads) == set(samples) and min(spreads.values()) >= 0
+
+
+def test_a_plan_that_loses_the_whole_step_goes_back_to_the_fold(monkeypatch):
+    forced = Forced("unfold", "grouped", "grouped", step="fold")
+    monkeypatch.setattr(tuning, "timer", forced)
+    layer = sharedconv.SharedConv1d(4, 16, 3, groups=4, padding=1)
+    x = torch.randn(2, 4, 30, requires_grad=True)
+    with sharedconv.autotune():
+        layer(x).sum().backward()
+        (choice,) = tuning.cache().values()
+        assert (choice.forward, choice.input_grad, choice.weight_grad) == ("fold",) * 3
+        assert set(choice.timings["step"]) == {"fold", "plan"}
+        with ConvGroups() as seen:  # from now on, the bare fold's one call each way
+            layer(x).sum().backward()
+    assert seen.groups == [1, 1] and seen.products == 0
+    assert [p for p, _ in forced.asked] == [*tuning.PARTS, "step"]

@@ -177,8 +177,8 @@ def _check_weight(weight: Tensor, bias: Tensor | None) -> int:
             f"kernel dimensions (3-D to 5-D), got a {weight.dim()}-D tensor of shape "
             f"{tuple(weight.shape)}"
         )
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise TypeError(f"weight must be floating point (or complex), got {weight.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -187,6 +187,12 @@ def _check_weight(weight: Tensor, bias: Tensor | None) -> int:
                 f"bias must have shape ({weight.shape[0]},), one value per filter of the "
                 f"shared bank, got shape {tuple(bias.shape)}"
             )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got "
+                            f"{bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias must be on the weight's device {weight.device}, got "
+                             f"{bias.device}")
     return weight.dim() - 2
 
 
@@ -205,8 +211,9 @@ def _check_rank(x: Tensor, n: int, who: str) -> bool:
 def _check_input(x: Tensor, weight: Tensor, groups: int, who: str) -> bool:
     """Validate the input of a shared convolution with ``weight``; return whether batched."""
     n, in_per_group = weight.dim() - 2, weight.shape[1]
-    if isinstance(x, Tensor) and not x.is_floating_point():
-        raise TypeError(f"{who} expected a floating-point input, got dtype {x.dtype}")
+    if isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{who} expected a floating-point input (or a complex one), got "
+                        f"dtype {x.dtype}")
     batched = _check_rank(x, n, who)
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
@@ -272,7 +279,7 @@ def _output_format(x: Tensor, weight: Tensor, groups: int, stride: Sequence[int]
     transposed = output_padding is not None
     backend = torch._C._select_conv_backend(
         x, bank, None, list(stride), pad, list(dilation), transposed,
-        list(output_padding) if transposed else [0] * n, groups, None)
+        [0] * n if output_padding is None else list(output_padding), groups, None)
     chosen = torch._C._conv_determine_backend_memory_format(x, bank, backend)
     return fmt if chosen == fmt else None
 
@@ -308,12 +315,13 @@ def _fold_conv(
             mode = "constant" if padding_mode == "zeros" else padding_mode
             folded = F.pad(folded, pads, mode=mode)
         padding = (0,) * n
-    if (not torch.compiler.is_compiling() and tuning._STATE.enabled
-            and tuning._applies(folded, weight)):
+    out = None
+    if not torch.compiler.is_compiling() and tuning._STATE.enabled:
         if isinstance(padding, str):  # 'valid', or an even 'same': symmetric
             padding = _explicit_padding(padding, weight.shape[2:], dilation)[::2][::-1]
+        # None where tuning does not apply (transforms, tracing, autocast, subclasses...)
         out = tuning._conv(folded, weight, bias, stride, padding, dilation, groups)
-    else:
+    if out is None:
         out = _CONV[n](folded, weight, bias, stride, padding, dilation)
     # (B*G, F, *S_out) -> (B, G*F, *S_out): a view of a contiguous output.
     out = out.reshape(batch, groups * weight.shape[0], *out.shape[2:])

@@ -322,6 +322,11 @@ def masked_shared_conv1d(
     return fn.apply(x, mask, weight, bias, s, d, left, right)
 
 
+# torch.fx.symbolic_trace records a call of masked_shared_conv1d (the layer's forward) as
+# one node instead of tracing into checks that read sizes a Proxy does not have.
+torch.fx.wrap("masked_shared_conv1d")
+
+
 def naive_masked_shared_conv1d(
     x: Tensor,
     mask: Tensor,
@@ -341,6 +346,9 @@ def naive_masked_shared_conv1d(
 
     batch, dim, length = x.shape
     labels = mask.shape[1]
+    if labels == 0:  # no labels: (B, 0, L_out), still a function of x and the bank
+        return shared_conv(x, weight, bias, stride=stride, padding=padding,
+                           dilation=dilation)[:, :0]
     masked = x[:, None, :, :] * mask[:, :, None, :]  # (B, T, D, L)
     return shared_conv(
         masked.reshape(batch, labels * dim, length),
@@ -375,7 +383,8 @@ class MaskedSharedConv1d(nn.Module):
         bias (bool, optional): if ``True``, adds a learnable bias of shape :math:`(F,)`,
             shared by the labels. Default: ``True``.
         device (torch.device, optional): where to create the parameters.
-        dtype (torch.dtype, optional): the floating-point type of the parameters.
+        dtype (torch.dtype, optional): the floating-point type of the parameters (real:
+            a complex dtype is refused).
 
     Attributes:
         weight (Tensor): the shared bank, :math:`(F, D, k)`, initialised from
@@ -426,6 +435,10 @@ class MaskedSharedConv1d(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if dtype is not None and dtype.is_complex:
+            # the masked path's own backward and forward-mode rules are written for real
+            # tensors; nn.Conv1d takes complex dtypes, this layer (no nn.ConvNd) does not
+            raise TypeError(f"{name} takes real floating-point dtypes, got {dtype}")
         in_channels, out_channels, _ = _check_channels(in_channels, out_channels, 1, name)
         self.in_channels = in_channels
         self.out_channels = out_channels

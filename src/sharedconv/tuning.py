@@ -32,17 +32,22 @@ later calls with that key reuse the choice. The strategies are
 **A choice is a measured win, or the fold.** Each candidate is sampled in interleaved
 rounds (:func:`measure`); a strategy other than the fold is chosen only when its median
 beats the fold's by more than the spread of the samples (the larger interquartile range
-of the two), so a difference that the machine's noise could have made keeps the fold.
-The medians and spreads are kept in the cache entry (:class:`Choice`).
+of the two) and by at least :data:`MARGIN` (5 %), so a difference that the machine's noise
+could have made keeps the fold. The medians and spreads are kept in the cache entry
+(:class:`Choice`).
 
 When gradients are needed, the forward, the input gradient and the weight gradient are
 chosen *each by its own timing* (the backward parts on the first backward pass, with the
 real output gradient), so a step may run its forward one way and its backward another.
+A plan that is not all fold is then timed as a whole training step against the fold's
+step, by the same rule, and dropped for the fold unless it wins: parts that win alone can
+lose together (the extra autograd node costs some microseconds, the parts share caches).
 Whatever the choice, autograd keeps the folded input and the one bank, exactly what the
 fold's convolution keeps, so a recomputation (activation checkpointing, inside or outside
 the block) saves the same tensors as the original pass. A strategy whose temporaries would
-be larger than the input (``G`` bank copies for many groups, windows of a tiny batch) is
-not tried, so memory never grows with the number of groups.
+be larger than the tensors a step holds anyway (``G`` bank copies beyond the input and the
+output, windows of one sample beyond the input) is not tried, so memory never grows with
+the number of groups beyond what the step itself needs.
 
 **Where nothing is timed.** Under ``torch.compile``, ``torch.export``, ``torch.jit``
 tracing, ``torch.func`` transforms, forward-mode AD, autocast, CUDA graph capture and tensor
@@ -78,7 +83,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -172,11 +177,13 @@ def is_enabled() -> bool:
     return _STATE.enabled
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _autocasting(x: Tensor) -> bool:
     """Autocast is on for ``x``'s device (any device, where torch can say so cheaply)."""
-    anywhere = getattr(torch._C, "_is_any_autocast_enabled", None)
-    if anywhere is not None:
-        return bool(anywhere())
+    if _ANY_AUTOCAST is not None:
+        return bool(_ANY_AUTOCAST())
     return torch.is_autocast_enabled(x.device.type)
 
 
@@ -273,15 +280,18 @@ def _store(key: Key, choice: Choice, raw: tuple | None = None) -> None:
 
 def _raw_of(key: Key) -> tuple:
     """The raw key of a :class:`Key`: what :func:`_conv` builds for a call of that key."""
-    return (tuple(key.input), getattr(torch, key.dtype), torch.device(key.device), key.layout,
+    device = torch.device(key.device)
+    index = -1 if device.type == "cpu" else (0 if device.index is None else device.index)
+    return (tuple(key.input), getattr(torch, key.dtype), index, key.layout,
             tuple(key.bank), key.bias, tuple(key.stride), tuple(key.padding),
             tuple(key.dilation), key.groups, tuple(key.needs), key.threads, key.sizes)
 
 
 def _key_of(raw: tuple) -> Key:
-    (shape, dtype, device, layout, bank, bias, stride, padding, dilation, groups, needs,
+    (shape, dtype, index, layout, bank, bias, stride, padding, dilation, groups, needs,
      threads, sizes) = raw
-    return Key(str(device), str(dtype).removeprefix("torch."), tuple(shape), layout,
+    device = "cpu" if index < 0 else f"cuda:{index}"
+    return Key(device, str(dtype).removeprefix("torch."), tuple(shape), layout,
                tuple(bank), bias, stride, padding, dilation, groups, needs, threads, sizes)
 
 
@@ -396,19 +406,19 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
     shape = _ints(raw["input"], "'input'", length=len(bank))
     if shape[1] != bank[1]:
         raise ValueError(f"'input' {list(shape)} must have the bank's {bank[1]} channels")
-    for name in ("layout", "sizes"):
-        allowed = _LAYOUTS if name == "layout" else _SIZES
-        if raw[name] not in allowed:
-            raise ValueError(f"'{name}' must be one of {allowed}, got {raw[name]!r}")
+    for field_name, values in (("layout", _LAYOUTS), ("sizes", _SIZES)):
+        if raw[field_name] not in values:
+            raise ValueError(f"'{field_name}' must be one of {values}, got "
+                             f"{raw[field_name]!r}")
     flags = raw["needs"]
     if not (isinstance(flags, list) and len(flags) == 3
             and all(isinstance(v, bool) for v in flags)):
         raise ValueError(f"'needs' must be a list of 3 booleans, got {flags!r}")
     if not isinstance(raw["bias"], bool):
         raise ValueError(f"'bias' must be a boolean, got {raw['bias']!r}")
-    for name in ("groups", "threads"):
-        if type(raw[name]) is not int or raw[name] < 1:
-            raise ValueError(f"'{name}' must be a positive int, got {raw[name]!r}")
+    for count in ("groups", "threads"):
+        if type(raw[count]) is not int or raw[count] < 1:
+            raise ValueError(f"'{count}' must be a positive int, got {raw[count]!r}")
     if shape[0] % raw["groups"]:
         raise ValueError(f"'input' {list(shape)} must hold a multiple of groups="
                          f"{raw['groups']} samples")
@@ -420,9 +430,9 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}")
     allowed = _candidate_names(key.input, key.bank, _options(key))
-    parts = {}
+    parts: dict[str, str | None] = {}
     for part in PARTS:
-        name = entry.get(part)
+        name: str | None = entry.get(part)
         needed = part == "forward" or key.needs[PARTS.index(part) - 1]
         if name is None and part != "forward":
             parts[part] = None
@@ -434,7 +444,8 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
         if name not in allowed:
             raise ValueError(f"{part!r}: {name!r} is not valid for this key (valid: "
                              f"{allowed}: 'unfold' is 1-d only, and 'grouped' and 'unfold' "
-                             "only where their temporaries are no larger than the input)")
+                             "only where their temporaries are no larger than what a step "
+                             "holds anyway)")
         parts[part] = name
     extras: dict[str, Any] = {}
     for name in ("timings", "spread"):
@@ -450,7 +461,9 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
     if not (isinstance(spent, dict) and all(p in _TIMED and _seconds(v)
                                             for p, v in spent.items())):
         raise ValueError(f"'tuning_s' must map parts to seconds, got {spent!r}")
-    return key, Choice(parts["forward"], parts["input_grad"], parts["weight_grad"],
+    forward = parts["forward"]
+    assert forward is not None  # checked above: the forward always has a strategy
+    return key, Choice(forward, parts["input_grad"], parts["weight_grad"],
                        extras["timings"], extras["spread"], dict(spent))
 
 
@@ -522,8 +535,7 @@ def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[s
 #: The function that times candidates, ``timer(candidates, device, part)``, returning each
 #: candidate's samples in seconds: :func:`measure` by default; tests replace it to check
 #: which strategy is picked.
-timer: Callable[[dict[str, Callable[[], object]], torch.device, str],
-                dict[str, Sequence[float]]] = measure
+timer: Callable[..., Mapping[str, Sequence[float]]] = measure
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -573,8 +585,10 @@ def _pick(choice: Choice, part: str, candidates: dict[str, Callable[[], object]]
         with torch.no_grad():
             raw = timer(candidates, device, part)
         spent = time.perf_counter() - start
-        samples = {name: [float(v) for v in (s if isinstance(s, (list, tuple)) else [s])]
-                   for name, s in raw.items()}
+        samples: dict[str, Sequence[float]] = {
+            name: [float(v) for v in s] if isinstance(s, (list, tuple))
+            else [float(s)]  # type: ignore[arg-type]  # a fake timer's one number
+            for name, s in raw.items()}
         best, timings, spreads = _decide(samples)
     with _LOCK:
         choice.timings[part], choice.spread[part] = timings, spreads
@@ -914,23 +928,52 @@ def _layout(xf: Tensor) -> str:
     return "strided"
 
 
+_PARAMETER = torch.nn.Parameter
+_TRANSFORMS = torch._C._are_functorch_transforms_active
+_TRACING = torch._C._is_tracing
+_FORWARD_AD = torch.autograd.forward_ad
+_GRAD = torch.is_grad_enabled
+_THREADS = torch.get_num_threads
+
+
 def _conv(xf: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
-          padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
-    """The tuned shared convolution of the folded, padded input ``(B * G, D, *S)``; returns
-    the folded output ``(B * G, F, *S_out)``. Called for every eager call inside
-    :func:`autotune`: the path to a cached choice builds one tuple and looks it up."""
-    grad = torch.is_grad_enabled()
+          padding: tuple[int, ...], dilation: tuple[int, ...], groups: int
+          ) -> Tensor | None:
+    """The tuned shared convolution of the folded, padded input ``(B * G, D, *S)``: the
+    folded output ``(B * G, F, *S_out)``, or ``None`` where tuning does not apply (see
+    :func:`_applies`) and the caller runs the fold itself.
+
+    Called for every eager call inside :func:`autotune`, so the way to a cached choice is
+    kept short: a few checks, one tuple, one look-up.
+    """
+    tx, tw = type(xf), type(w)
+    if (tx is not Tensor and tx is not _PARAMETER) or (tw is not Tensor and tw is not _PARAMETER):
+        return None
+    if _TRANSFORMS() or _FORWARD_AD._current_level >= 0 or _TRACING():
+        return None
+    if xf.is_cpu:
+        if _autocasting(xf) or xf.is_complex() or xf.numel() == 0:
+            return None
+    elif not xf.is_cuda or not _applies(xf, w):
+        return None
+    grad = _GRAD()
     needs = (grad and xf.requires_grad, grad and w.requires_grad,
              grad and b is not None and b.requires_grad)
     state = _STATE
-    shape = xf.shape
-    if state.dynamic:
+    dynamic, forced = state.dynamic, state.forced
+    shape: tuple[int, ...] = xf.shape
+    if dynamic:
         shape = (groups * _pow2(shape[0] // groups), shape[1], *map(_pow2, shape[2:]))
-    raw = (shape, xf.dtype, xf.device, _layout(xf), w.shape, b is not None, stride, padding,
-           dilation, groups, needs, torch.get_num_threads(), "pow2" if state.dynamic
-           else "exact")
-    forced = state.forced
-    entry = None if forced is not None else _CACHE.get(raw)
+    # the device as its index (-1: the CPU; only CPU and CUDA tensors come this far)
+    raw = (shape, xf.dtype, xf.get_device(), "contiguous" if xf.is_contiguous() else _layout(xf),
+           w.shape, b is not None, stride, padding, dilation, groups, needs, _THREADS(),
+           "pow2" if dynamic else "exact")
+    entry = _CACHE.get(raw) if forced is None else None
+    if entry is not None and not dynamic:  # the way most calls take
+        choice = entry[1]
+        if choice.forward == "fold" and (not needs[0] or choice.input_grad == "fold") and (
+                not needs[1] or choice.weight_grad == "fold"):
+            return _CONV[len(stride)](xf, w, b, stride, padding, dilation)
     o = _Options(groups, stride, padding, dilation)
     if forced is not None:
         choice = forced
@@ -951,7 +994,7 @@ def _conv(xf: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
 
             _pick(choice, "forward", {n: forward(n) for n in names}, xf.device)
         _store(_key_of(raw), choice, raw)
-    exact = forced is None and not state.dynamic
+    exact = forced is None and not dynamic
     if not (needs[0] or needs[1] or needs[2]):
         return _FORWARD[_usable(choice.forward, xf, w, o, exact)](xf, w, b, o)
     if choice.is_fold(needs):

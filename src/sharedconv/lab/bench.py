@@ -18,6 +18,7 @@ records in the JSON which allocator ran; ``--allocator default`` measures the un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -59,6 +60,14 @@ class Approach:
     grad_out: torch.Tensor | None = None
     #: the approach autotunes (:func:`~sharedconv.tuning.autotune`): its tuning is timed first
     tuned: bool = False
+    #: a context every call of the approach runs inside (the tuned layer's
+    #: ``tuning.autotune``); a timed sample enters it once around all its calls, as a
+    #: training loop enters ``autotune()`` once
+    block: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+
+    def within(self) -> contextlib.AbstractContextManager[Any]:
+        """The approach's :attr:`block`, or a context that does nothing."""
+        return self.block() if self.block is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -188,13 +197,17 @@ def _time_interleaved(
               for a in approaches}
     # one calibration per approach: how many calls make one sample of ~min_time
     number = {}
+    within = {a.name: a.within for a in approaches}
     for name, timer in timers.items():
-        timer.timeit(1)  # warm-up (allocations, lazy init, oneDNN primitive caches)
-        once = timer.timeit(2).median
+        with within[name]():
+            timer.timeit(1)  # warm-up (allocations, lazy init, oneDNN primitive caches)
+            once = timer.timeit(2).median
         number[name] = max(1, int(min_time / max(once, 1e-6)))
+
     def sample(name: str) -> float:
         _sync(device)
-        return timers[name].timeit(number[name]).median
+        with within[name]():
+            return timers[name].timeit(number[name]).median
 
     from ..tuning import interleaved
 
@@ -215,12 +228,13 @@ def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
     tuning.clear_cache()
     _sync(device)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), approach.within():
         out = approach.run(*approach.inputs)
     _sync(device)
     forward_s = time.perf_counter() - start
     start = time.perf_counter()
-    approach.run(*approach.inputs).backward(torch.ones_like(out))
+    with approach.within():
+        approach.run(*approach.inputs).backward(torch.ones_like(out))
     _sync(device)
     step_s = time.perf_counter() - start
     _zero_grads(approach)
@@ -245,7 +259,7 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float,
     tuned = {a.name: _tune(a, device) for a in case.approaches if a.tuned}
     gen = torch.Generator(device=device).manual_seed(0)
     for a in case.approaches:
-        with torch.no_grad():
+        with torch.no_grad(), a.within():
             out = a.run(*a.inputs)
         # randn_like keeps the output's strides: a downstream elementwise op would too
         a.grad_out = torch.empty_like(out).normal_(generator=gen)
@@ -268,23 +282,28 @@ def run_case(case: Case, device: torch.device, rounds: int, min_time: float,
     for a in case.approaches:
         assert a.grad_out is not None
         result = a.grad_out  # of the output's shape and dtype
+        with a.within():
+            forward_flops = flops(a.run, *a.inputs)
         entry = {
             "param_bytes": sum(p.numel() * p.element_size() for p in a.params),
-            "forward_flops": flops(a.run, *a.inputs),
+            "forward_flops": forward_flops,
             # the least memory traffic of a forward: read the inputs, write the output once
             "min_forward_bytes": sum(t.numel() * t.element_size() for t in a.inputs
                                      if isinstance(t, torch.Tensor))
             + result.numel() * result.element_size(),
         }
         if not case.forward_only:
-            entry["saved_bytes"] = saved_tensors(a.run, *a.inputs, exclude=a.params).nbytes
+            with a.within():
+                entry["saved_bytes"] = saved_tensors(a.run, *a.inputs,
+                                                     exclude=a.params).nbytes
         if a.name in tuned:
             entry["tuning"] = tuned[a.name]
         if device.type == "cuda" and not case.forward_only:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            _fwd_bwd(a)
+            with a.within():
+                _fwd_bwd(a)
             _zero_grads(a)
             torch.cuda.synchronize(device)
             entry["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
@@ -413,12 +432,10 @@ def _shared_cases(
         def layer(x, w, b, options=options):
             return shared_conv(x, w, b, **options)
 
-        def tuned(x, w, b, options=options):
-            with tuning.autotune():
-                return shared_conv(x, w, b, **options)
 
         approaches = [Approach("layer", layer, (x, w, b), (w, b)),
-                      Approach("tuned", tuned, (x, w, b), (w, b), tuned=True)]
+                      Approach("tuned", layer, (x, w, b), (w, b), tuned=True,
+                               block=tuning.autotune)]
         o = tuning._Options(G, (1,), (k // 2,), (1,))
         for strategy in tuning._candidates(x.reshape(B * G, D, L), w, o)[1:]:
             approaches.append(Approach(f"only_{strategy}", _only(strategy, G, k // 2),
@@ -532,14 +549,12 @@ def heldout_cases(device: torch.device, dtype: torch.dtype, quick: bool,
         def layer(x, w, b, options=options):
             return shared_conv(x, w, b, **options)
 
-        def tuned(x, w, b, options=options):
-            with tuning.autotune():
-                return shared_conv(x, w, b, **options)
 
         # "layer_again" is the layer a second time: how far two timings of the same code
         # fall apart in this run, the resolution of every ratio (not an approach)
         approaches = [Approach("layer", layer, (x, w, b), (w, b)),
-                      Approach("tuned", tuned, (x, w, b), (w, b), tuned=True),
+                      Approach("tuned", layer, (x, w, b), (w, b), tuned=True,
+                               block=tuning.autotune),
                       Approach("layer_again", layer, (x, w, b), (w, b))]
         names = ["grouped_expand"] + (["loop"] if G <= HELDOUT_LOOP_GROUPS else [])
         for name in names:

@@ -335,7 +335,12 @@ def _traffic_mode() -> Any:
                 # the storage's Python object lives as long as the storage does
                 self._refs[key] = weakref.ref(
                     storage, lambda _, key=key, size=size: self._free(key, size))
-            written = [a for a, arg in zip(args, func._schema.arguments, strict=False)
+            # tensors written in place or through out=, passed by position or by name
+            schema = func._schema.arguments
+            named = {arg.name: arg for arg in schema}
+            passed = [*zip(args, schema, strict=False),
+                      *((v, named[k]) for k, v in (kwargs or {}).items() if k in named)]
+            written = [a for a, arg in passed
                        if isinstance(a, Tensor) and arg.alias_info is not None
                        and arg.alias_info.is_write]
             if "empty" in func._schema.name:  # allocates, reads and writes nothing
@@ -387,8 +392,15 @@ def step_cost(
         with forward_counter, traffic:
             out = fn(*inputs)
         saved = _saved_in_graph(out, excluded)
-    grad = torch.ones_like(out)  # made outside the modes: it exists before the step
     leaves = [t for t in (*inputs, *params) if t.requires_grad]
+    if not leaves or not isinstance(out, Tensor) or not out.requires_grad:
+        raise ValueError(
+            "step_cost counts a training step, so some input or parameter must require a "
+            f"gradient and fn's output must depend on it; got {len(leaves)} tensors "
+            "requiring one and an output that "
+            + ("does not require a gradient" if isinstance(out, Tensor)
+               else f"is a {type(out).__name__}, not a tensor"))
+    grad = torch.ones_like(out)  # made outside the modes: it exists before the step
     kept = [t.grad for t in leaves]
     try:
         for t in leaves:  # a step from zero gradients: nothing is added into old ones
