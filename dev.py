@@ -7,6 +7,10 @@
     python3 dev.py test-with PYTHON [pytest args]
                              run the package tests with another environment's python
                              (another torch or Python), set up by you; installs nothing
+    python3 dev.py gpu OUTDIR [--dry-run] [--python PYTHON] [--chapters N,N]
+                             everything a GPU must show, in one run: the CUDA tests,
+                             every chapter on the GPU (scratch copies), the benchmark and
+                             the roofline; results under OUTDIR (see gpu_main)
 
 Extra arguments after ``test`` go to pytest (``python3 dev.py test -k oracle``); after
 ``execute``, they name the notebooks to run (default: every notebook in _toc.yml).
@@ -170,13 +174,318 @@ def test_with(python: str, rest: list[str]) -> None:
     _run(exe, "-m", "pytest", *targets, *rest)
 
 
+# ---------------------------------------------------------------------------- the GPU
+
+
+def run_notebook(source: Path, target: Path) -> int:
+    """Execute the notebook ``source`` cell by cell in this process, as a fresh kernel
+    would, and write it with its new outputs to ``target``; 0 if every cell ran.
+
+    No Jupyter is needed (a borrowed GPU machine has torch, not Jupyter): each code cell
+    runs in one namespace, its printed text and the value of a last expression become its
+    output, and figures left open are saved as PNG outputs, as the inline backend shows
+    them. The first failing cell stops the run; its traceback is its output.
+    """
+    import ast
+    import base64
+    import contextlib
+    import io
+    import json
+    import traceback
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    plt.show = lambda *args, **kwargs: None  # figures are collected after each cell
+    nb = json.loads(source.read_text())
+    namespace: dict = {"__name__": "__main__"}
+    status = 0
+    count = 0
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        count += 1
+        code = "".join(cell["source"])
+        out, outputs = io.StringIO(), []
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                tree = ast.parse(code)
+                last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) \
+                    else None
+                body = tree.body[:-1] if last is not None else tree.body
+                exec(compile(ast.Module(body, []), f"<cell {count}>", "exec"), namespace)
+                if last is not None:
+                    value = eval(compile(ast.Expression(last.value), f"<cell {count}>",
+                                         "eval"), namespace)
+                    if value is not None:
+                        print(repr(value))
+        except BaseException:  # noqa: BLE001 - the cell's failure is the result
+            out.write(traceback.format_exc())
+            status = 1
+        if out.getvalue():
+            outputs.append({"output_type": "stream", "name": "stdout",
+                            "text": out.getvalue()})
+        for number in plt.get_fignums():
+            png = io.BytesIO()
+            plt.figure(number).savefig(png, format="png")
+            outputs.append({"output_type": "display_data", "metadata": {},
+                            "data": {"image/png": base64.b64encode(png.getvalue())
+                                     .decode()}})
+        plt.close("all")
+        cell["outputs"], cell["execution_count"] = outputs, count
+        if status:
+            cell.setdefault("metadata", {})["gpu_run_failed"] = True
+            break
+    target.write_text(json.dumps(nb, indent=1) + "\n")
+    return status
+
+
+#: What the GPU run probes about the device (printed and written as environment.json).
+_GPU_PROBE = """
+import json, platform, subprocess, torch
+info = {"python": platform.python_version(), "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision()}
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
+                capability=".".join(map(str, torch.cuda.get_device_capability(0))))
+    try:
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["driver"] = None
+print(json.dumps(info))
+"""
+
+
+def _step(name: str, cmd: list[str], log: Path, timeout: float, env: dict) -> dict:
+    """Run one step of the GPU run, its output to ``log``; return its record."""
+    import time
+
+    start = time.perf_counter()
+    print(f"[gpu] {name}: {' '.join(str(c) for c in cmd[:6])} ...", flush=True)
+    with log.open("w") as out:
+        try:
+            done = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            code = done.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"[gpu] {name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds} s",
+          flush=True)
+    return {"step": name, "returncode": code, "seconds": seconds, "log": log.name}
+
+
+def gpu_main(argv: list[str]) -> int:
+    """``python3 dev.py gpu OUTDIR [--dry-run] [--python PYTHON] [--chapters 01,06]``.
+
+    Everything a GPU must show, in one run of at most about 10 minutes on one GPU:
+
+    1. ``environment.json``: the GPU, its driver, CUDA, cuDNN, torch, and the TF32
+       settings every timing ran under (PyTorch's defaults: TF32 allowed for cuDNN's
+       convolutions, not for matrix products);
+    2. the CUDA tests (``pytest -m cuda``): ``cuda-tests.log`` and ``cuda-tests.xml``;
+    3. every chapter of the book executed on the GPU from a scratch copy (the stored
+       notebooks are not touched), each alone in a fresh process: ``chapters/NN.ipynb``
+       with the outputs it printed, and whether every cell (every assert) held;
+    4. the benchmark and the roofline on the GPU: their JSON goes where the chapters read
+       stored runs (``src/sharedconv/lab/results/``) and into ``results/`` under OUTDIR;
+    5. ``summary.json`` and one summary line; and everything above packed into
+       ``OUTDIR/gpu-run.tar.gz``, so that a borrowed machine's run comes back in one
+       piece (``tar xzf`` it, and copy ``results/`` into ``src/sharedconv/lab/results/``).
+
+    Without a CUDA device it says so and exits with 2. ``--dry-run`` runs the same steps
+    on the CPU at small sizes (one chapter, the quick benchmark, a short roofline), which
+    the tests do. ``--python`` names the interpreter to run with, installing nothing (a
+    GPU machine's own Python with torch; ``sharedconv`` is taken from ``src``); without
+    it the command sets up ``.venv`` as the others do. Exit status: 0 when every step
+    held, 1 when one failed, 2 without a GPU.
+    """
+    import json
+    import shutil
+    import tarfile
+    import time
+
+    args = list(argv)
+    dry = "--dry-run" in args
+    if dry:
+        args.remove("--dry-run")
+    python = chapters = None
+    for flag in ("--python", "--chapters"):
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                sys.exit(f"gpu: {flag} needs a value")
+            value = args[i + 1]
+            del args[i:i + 2]
+            if flag == "--python":
+                python = shutil.which(value) or value
+            else:
+                chapters = [c.strip() for c in value.split(",") if c.strip()]
+    if len(args) != 1:
+        sys.exit("usage: python3 dev.py gpu OUTDIR [--dry-run] [--python PYTHON] "
+                 "[--chapters 01,06]")
+    out = Path(args[0]).resolve()
+    if python is None:
+        ensure_env()
+        python = str(PYTHON)
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1",
+           "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                       os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([python, "-c", _GPU_PROBE], capture_output=True, text=True,
+                           env=env, cwd=ROOT)
+    if probe.returncode != 0:
+        sys.exit(f"gpu: {python} cannot import torch:\n{probe.stderr[-2000:]}")
+    info = json.loads(probe.stdout.strip().splitlines()[-1])
+    if not info["cuda_available"] and not dry:
+        print(f"gpu: no CUDA device is visible to {python} (torch {info['torch']}); "
+              "nothing was run. Use --dry-run to run the steps on the CPU.", flush=True)
+        return 2
+    device = "cpu" if dry else "cuda"
+    if out.exists():
+        shutil.rmtree(out)
+    work = out / "gpu-run"
+    for folder in ("chapters", "results/roofline", "logs"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    info.update(dry_run=dry, device=device, date=time.strftime("%Y-%m-%d %H:%M"))
+    (work / "environment.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"[gpu] {info.get('gpu', 'CPU (dry run)')}, torch {info['torch']}, CUDA "
+          f"{info['cuda']}, cuDNN {info['cudnn']}, TF32 for convolutions "
+          f"{info['cudnn_allow_tf32']}, for matrix products {info['matmul_allow_tf32']}",
+          flush=True)
+    steps = []
+
+    # 2. the CUDA tests (without nbval's options: a GPU machine may have no Jupyter)
+    steps.append(_step("cuda tests", [
+        python, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+        "-o", "addopts=-ra --strict-markers", f"--junitxml={work / 'cuda-tests.xml'}"],
+        work / "logs" / "cuda-tests.log", 240, env))
+
+    # 3. the chapters, each alone in a fresh process from a scratch copy
+    notebooks = toc_notebooks()
+    if chapters:
+        notebooks = [p for p in notebooks if p.name.split("_")[0] in chapters]
+    elif dry:
+        notebooks = notebooks[:1]
+    scratch = work / "scratch"
+    missing = set(json.loads(subprocess.run(
+        [python, "-c", "import importlib.util, json; print(json.dumps([m for m in "
+         "('aeon', 'sklearn') if importlib.util.find_spec(m) is None]))"],
+        capture_output=True, text=True, env=env).stdout or "[]"))
+
+    def chapter(path: Path) -> dict:
+        needs = {m for m in ("aeon", "sklearn")
+                 if f"import {m}" in path.read_text() or f"from {m}" in path.read_text()}
+        if needs & missing:  # its Colab cell would pip install it: no network here
+            return {"chapter": path.name, "ok": None, "seconds": 0.0,
+                    "skipped": f"{', '.join(sorted(needs & missing))} not installed"}
+        copy = scratch / path.stem / path.name
+        copy.parent.mkdir(parents=True)
+        shutil.copy(path, copy)
+        target = work / "chapters" / path.name
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([python, str(ROOT / "dev.py"), "_notebook", str(copy),
+                                   str(target)], cwd=copy.parent, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            code, stderr = done.returncode, done.stderr
+        except subprocess.TimeoutExpired:
+            code, stderr = "timeout", ""
+        seconds = round(time.perf_counter() - start, 1)
+        cells = json.loads(target.read_text())["cells"] if target.exists() else []
+        failed = [i for i, c in enumerate(cells)
+                  if c.get("metadata", {}).get("gpu_run_failed")]
+        ok = code == 0 and not failed
+        print(f"[gpu] chapter {path.name}: {'ok' if ok else 'FAILED'} in {seconds} s",
+              flush=True)
+        return {"chapter": path.name, "ok": ok, "seconds": seconds,
+                "failed_cell": failed[0] if failed else None,
+                "stderr": stderr[-2000:] if code else ""}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1 if dry else 3) as pool:  # 16 cores, one GPU
+        results = list(pool.map(chapter, notebooks))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    # 4. the benchmark and the roofline, written where the chapters read stored runs
+    stored = ROOT / "src" / "sharedconv" / "lab" / "results"
+    bench_args = (["--quick", "--suite", "streams", "--allocator", "default"] if dry
+                  else ["--rounds", "7", "--min-time", "0.02"])
+    bench_step = _step("benchmark", [
+        python, "-m", "sharedconv.lab.bench", "--device", device, *bench_args,
+        "--out", work / "results" / "bench.json"], work / "logs" / "bench.log", 240, env)
+    steps.append(bench_step)
+    roof_args = (["--rounds", "2", "--min-time", "0.01", "--shapes",
+                  '{"tiny": {"B": 2, "G": 4, "D": 1, "L": 64, "F": 4, "k": 3}}']
+                 if dry else ["--rounds", "7", "--min-time", "0.02"])
+    steps.append(_step("roofline", [
+        python, "-m", "sharedconv.lab.roofline", "--device", device, *roof_args,
+        "--out", work / "results" / "roofline" / "roofline.json"],
+        work / "logs" / "roofline.log", 180, env))
+    if not dry:  # name the runs after the GPU, beside the stored CPU runs
+        name = "".join(ch if ch.isalnum() else "-" for ch in info["gpu"].lower()).strip("-")
+        for src, dst in ((work / "results" / "bench.json", stored / f"{name}.json"),
+                         (work / "results" / "roofline" / "roofline.json",
+                          stored / "roofline" / f"{name}.json")):
+            if src.exists():
+                src.rename(src.with_name(dst.name))
+                shutil.copy(src.with_name(dst.name), dst)
+
+    # 5. the summary, and one archive of everything
+    tests = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    xml = work / "cuda-tests.xml"
+    if xml.exists():
+        import xml.etree.ElementTree as ElementTree
+
+        suite = ElementTree.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        total = int(suite.get("tests", 0))
+        tests.update(failed=int(suite.get("failures", 0)), errors=int(suite.get("errors", 0)),
+                     skipped=int(suite.get("skipped", 0)))
+        tests["passed"] = total - tests["failed"] - tests["errors"] - tests["skipped"]
+    ok = (all(s["returncode"] == 0 for s in steps)
+          and all(r["ok"] is not False for r in results)
+          and tests["failed"] == tests["errors"] == 0)
+    summary = {"ok": ok, "environment": info, "cuda_tests": tests, "steps": steps,
+               "chapters": results}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.copy(work / "summary.json", out / "summary.json")
+    with tarfile.open(out / "gpu-run.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname="gpu-run")
+    shutil.rmtree(work)
+    chapters_ok = sum(r["ok"] is True for r in results)
+    skipped = [r["chapter"][:2] for r in results if r["ok"] is None]
+    print(f"gpu: {'OK' if ok else 'FAILED'} | {info.get('gpu', 'CPU dry run')} | CUDA tests "
+          f"{tests['passed']} passed, {tests['failed'] + tests['errors']} failed, "
+          f"{tests['skipped']} skipped | chapters {chapters_ok}/{len(results)} ok"
+          + (f" ({', '.join(skipped)} skipped: see summary.json)" if skipped else "")
+          + " | "
+          + " | ".join(f"{s['step']} {'ok' if s['returncode'] == 0 else 'FAILED'}"
+                       for s in steps[1:])
+          + f" | {out / 'gpu-run.tar.gz'}", flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("test", "book", "execute", "_execute", "test-with"):
+    commands = ("test", "book", "execute", "_execute", "test-with", "gpu", "_notebook")
+    if not argv or argv[0] not in commands:
         sys.exit(__doc__)
     command, rest = argv[0], argv[1:]
     if command == "_execute":  # the second half of `execute`, inside the venv
         execute(rest)
         return
+    if command == "_notebook":  # one chapter, in this process (the gpu command's runner)
+        sys.exit(run_notebook(Path(rest[0]), Path(rest[1])))
+    if command == "gpu":
+        sys.exit(gpu_main(rest))
     if command == "test-with":  # another environment, as it is: nothing is installed
         if not rest:
             sys.exit("usage: python3 dev.py test-with PYTHON [pytest args]")

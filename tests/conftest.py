@@ -16,7 +16,13 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZES = {1: (11,), 2: (9, 7), 3: (7, 6, 5)}
 KERNELS = {1: (3,), 2: (3, 2), 3: (3, 2, 1)}
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda(test):
+    """A test that needs a CUDA device: skipped without one, selected by ``-m cuda``
+    (``python3 dev.py gpu`` runs exactly these)."""
+    needs = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(needs(test))
 
 
 def tied_conv(layer: sharedconv.modules._SharedConvNd) -> nn.Module:

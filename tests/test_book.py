@@ -238,31 +238,56 @@ def test_colab_setup_installs_aeon_where_a_chapter_needs_it(tmp_path):
     assert args is None and printed == "", "does nothing where both are installed"
 
 
-def test_colab_setup_keeps_the_runtime_torch(tmp_path):
-    """Run the setup cell with sharedconv missing and pip replaced by a recorder: it asks
-    for the package from the repository and pins torch to the version installed."""
+@pytest.mark.parametrize("distribution,runtime", [
+    ("2.14.1", "2.14.1+cu130"),        # PyPI's CUDA wheel: no label on the distribution
+    ("2.11.0+cu128", "2.11.0+cu128"),  # Colab's GPU runtime, from PyTorch's index
+    ("2.11.0+cpu", "2.11.0+cpu"),      # Colab's CPU runtime
+    ("2.13.0", "2.13.0"),              # a plain build
+])
+def test_colab_setup_keeps_the_runtime_torch(distribution, runtime, tmp_path):
+    """Run the setup cell with sharedconv missing, pip replaced by a recorder and torch's
+    installed distribution reporting ``distribution``: it asks for the package from the
+    repository and pins torch to exactly the build installed, whatever its local label,
+    so pip keeps it (the pin is made from the distribution's version, which is what pip
+    compares: ``torch.__version__``, ``runtime`` here, may carry a label the distribution
+    lacks, and a pin made from it would ask PyPI for a build it does not have)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
     nb = json.loads(NOTEBOOKS[0].read_text())
     src = _source(next(c for c in nb["cells"] if c["cell_type"] == "code"))
     recorded = tmp_path / "pip-args.json"
     fake = (
-        "import importlib.util, json, subprocess, sys\n"
+        "import importlib.metadata, importlib.util, json, subprocess, sys\n"
         "real = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda n, *a: None if n == 'sharedconv' else real(n, *a)\n"
+        f"importlib.metadata.version = lambda name: {distribution!r} if name == 'torch' "
+        "else None\n"
         f"subprocess.run = lambda args, check: open({str(recorded)!r}, 'w').write("
         "json.dumps(args))\n"
     )
     out = subprocess.run([sys.executable, "-c", fake + src], capture_output=True, text=True,
                          check=True, cwd=tmp_path)
-    import torch
-
     args = json.loads(recorded.read_text())
     url = CONFIG["repository"]["url"].rstrip("/")
     assert args[1:4] == ["-m", "pip", "install"]
     assert f"sharedconv[diagrams] @ git+{url}" in args
-    from importlib.metadata import version
-
-    assert f"torch=={version('torch')}" in args and torch.__version__ in args[-1]
+    (pin,) = [a for a in args if a.startswith("torch")]
+    assert pin == f"torch=={distribution}"
+    wanted = SpecifierSet(pin.removeprefix("torch"))
+    # satisfied by what is installed, in both spellings: nothing for pip to replace
+    assert Version(distribution) in wanted and Version(runtime) in wanted
+    if "+" in runtime and "+" not in distribution:  # the pin a __version__ would make
+        assert Version(distribution) not in SpecifierSet(f"=={runtime}")
     assert out.stdout.strip() == f"installed sharedconv from {url}"
+
+
+def test_every_chapter_asks_colab_for_a_gpu():
+    """Colab opens a notebook on the runtime its metadata asks for."""
+    for path in NOTEBOOKS:
+        meta = json.loads(path.read_text())["metadata"]
+        assert meta.get("accelerator") == "GPU", path.name
+        assert meta.get("colab", {}).get("gpuType"), path.name
 
 
 def test_config_is_jupyter_book_1_with_stored_outputs():

@@ -37,8 +37,9 @@ def _refuse(candidates, device, part):
 class Forced:
     """A fake timer: the strategy named for a part is fastest; records what it was asked.
 
-    ``step`` is what wins the whole-step check of a plan that is not all fold: ``"plan"``
-    (the chosen parts) or ``"fold"``.
+    ``step`` is what wins the whole-step comparison that follows the parts' choices:
+    ``"plan"`` (the parts as chosen; where they are one strategy for every part, that
+    strategy), ``"fold"``, or a strategy for every part.
     """
 
     def __init__(self, forward="fold", input_grad="fold", weight_grad="fold", step="plan"):
@@ -48,7 +49,10 @@ class Forced:
 
     def __call__(self, candidates, device, part):
         self.asked.append((part, tuple(candidates)))
-        return {n: 1e-3 if n == self.want[part] else 2e-3 for n in candidates}
+        want = self.want[part]
+        if part == "step" and want == "plan" and "plan" not in candidates:
+            want = self.want["forward"]  # the parts are one strategy: that one
+        return {n: 1e-3 if n == want else 2e-3 for n in candidates}
 
 
 class ConvGroups(TorchDispatchMode):
@@ -97,8 +101,10 @@ def test_every_strategy_equals_tied_grouped_conv(dim, combo, options, bias, monk
         tuned = saved_tensors(layer, x_grad, exclude=[layer.weight])
     fold = saved_tensors(layer, x_grad, exclude=[layer.weight])
     assert tuned.nbytes == fold.nbytes > 0 and tuned.count == fold.count
-    step = [] if combo == ("fold",) * 3 else ["step"]  # a plan other than the fold is checked
-    assert [part for part, _ in forced.asked] == [*tuning.PARTS, *step]
+    # then whole steps: the fold's, each other strategy's and the parts' plan
+    assert [part for part, _ in forced.asked] == [*tuning.PARTS, "step"]
+    plans = dict(forced.asked)["step"]
+    assert plans[:2] == ("fold", "grouped") and ("plan" in plans) == (len(set(combo)) > 1)
 
 
 @pytest.mark.parametrize("strategy", tuning.STRATEGIES)
@@ -480,7 +486,7 @@ def test_a_plan_that_loses_the_whole_step_goes_back_to_the_fold(monkeypatch):
         layer(x).sum().backward()
         (choice,) = tuning.cache().values()
         assert (choice.forward, choice.input_grad, choice.weight_grad) == ("fold",) * 3
-        assert set(choice.timings["step"]) == {"fold", "plan"}
+        assert set(choice.timings["step"]) == {"fold", "grouped", "unfold", "plan"}
         with ConvGroups() as seen:  # from now on, the bare fold's one call each way
             layer(x).sum().backward()
     assert seen.groups == [1, 1] and seen.products == 0

@@ -39,9 +39,10 @@ could have made keeps the fold. The medians and spreads are kept in the cache en
 When gradients are needed, the forward, the input gradient and the weight gradient are
 chosen *each by its own timing* (the backward parts on the first backward pass, with the
 real output gradient), so a step may run its forward one way and its backward another.
-A plan that is not all fold is then timed as a whole training step against the fold's
-step, by the same rule, and dropped for the fold unless it wins: parts that win alone can
-lose together (the extra autograd node costs some microseconds, the parts share caches).
+Then whole training steps are timed against the fold's step, by the same rule: each other
+strategy for every part (its backward is then one call), and the parts as chosen one by
+one. Parts can win alone and lose together (the extra autograd node costs some
+microseconds, one call computes both gradients, the parts share caches), and the reverse.
 Whatever the choice, autograd keeps the folded input and the one bank, exactly what the
 fold's convolution keeps, so a recomputation (activation checkpointing, inside or outside
 the block) saves the same tensors as the original pass. A strategy whose temporaries would
@@ -467,9 +468,9 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
                        extras["timings"], extras["spread"], dict(spent))
 
 
-#: What a choice's timings may name: each part's strategies, and the whole step ("plan",
-#: the chosen parts together, against the fold).
-_TIMED = {**{part: STRATEGIES for part in PARTS}, "step": ("fold", "plan")}
+#: What a choice's timings may name: each part's strategies, and whole steps (each
+#: strategy for every part, and "plan", the parts chosen one by one).
+_TIMED = {**{part: STRATEGIES for part in PARTS}, "step": (*STRATEGIES, "plan")}
 
 
 def _seconds(value: Any) -> bool:
@@ -871,9 +872,11 @@ def _backward(ways: tuple[str, ...], grad: Tensor, xf: Tensor, w: Tensor, o: _Op
 
 def _tune_backward(choice: Choice, grad: Tensor, xf: Tensor, w: Tensor, o: _Options,
                    needs: tuple[bool, bool, bool], has_bias: bool) -> None:
-    """Choose the backward parts a step needs, each by its own timing, then time the whole
-    training step so chosen against the fold's: unless it wins by more than the spread,
-    every part of the key goes back to the fold."""
+    """Choose the backward parts a step needs, each by its own timing; then time whole
+    training steps: the fold's, the parts so chosen (``"plan"``, where it is not the fold)
+    and each other strategy for every part (whose backward is then one call), and keep the
+    fastest by the rule of :func:`_decide` (the fold, unless another wins beyond the spread
+    and the margin)."""
     names = _candidates(xf, w, o)
     need_x, need_w, need_b = needs
     if need_x and choice.input_grad is None:
@@ -883,28 +886,38 @@ def _tune_backward(choice: Choice, grad: Tensor, xf: Tensor, w: Tensor, o: _Opti
         _pick(choice, "weight_grad", {
             n: functools.partial(_WEIGHT_GRAD[n], grad, xf, w, o, need_b) for n in names},
             xf.device)
-    if choice.is_fold((need_x, need_w, need_b)):
+    if len(names) == 1:
         return
-    plan = Choice(choice.forward, choice.input_grad, choice.weight_grad)
+
+    def parts(forward: str, input_grad: str | None, weight_grad: str | None) -> Choice:
+        return Choice(forward, input_grad if need_x else None,
+                      weight_grad if need_w else None)
+
+    plans = {"fold": parts("fold", "fold", "fold")}
+    chosen = parts(choice.forward, choice.input_grad, choice.weight_grad)
+    for name in names[1:]:
+        plans[name] = parts(name, name, name)
+    if not chosen.is_fold(needs) and chosen not in plans.values():
+        plans["plan"] = chosen
     bias = w.new_zeros(w.shape[0]) if has_bias else None
 
-    def step(tuned: bool) -> Callable[[], object]:
+    def step(plan: Choice) -> Callable[[], object]:
         def run() -> object:
             with torch.enable_grad():
                 x_ = xf.detach().requires_grad_(need_x)
                 w_ = w.detach().requires_grad_(need_w)
                 b_ = None if bias is None else bias.detach().requires_grad_(need_b)
-                y = (_TunedConv.apply(x_, w_, b_, o, plan, True) if tuned
-                     else _fold_forward(x_, w_, b_, o))
+                y = (_fold_forward(x_, w_, b_, o) if plan.is_fold(needs)
+                     else _TunedConv.apply(x_, w_, b_, o, plan, True))
                 leaves = [t for t in (x_, w_, b_) if t is not None and t.requires_grad]
                 return torch.autograd.grad(y, leaves, grad)
         return run
 
-    if _pick(choice, "step", {"fold": step(False), "plan": step(True)}, xf.device) == "fold":
-        with _LOCK:
-            choice.forward = "fold"
-            choice.input_grad = "fold" if need_x else choice.input_grad
-            choice.weight_grad = "fold" if need_w else choice.weight_grad
+    best = plans[_pick(choice, "step", {n: step(p) for n, p in plans.items()}, xf.device)]
+    with _LOCK:
+        choice.forward = best.forward
+        choice.input_grad = best.input_grad if need_x else choice.input_grad
+        choice.weight_grad = best.weight_grad if need_w else choice.weight_grad
 
 
 def _usable(name: str, xf: Tensor, w: Tensor, o: _Options, exact: bool) -> str:

@@ -138,9 +138,26 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+                    driver=_nvidia_driver(), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(),
+                    # TF32: what float32 convolutions (cuDNN) and matrix products ran in
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
     return info
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, as ``nvidia-smi`` reports it; None where it cannot."""
+    import subprocess
+
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                "--format=csv,noheader"], capture_output=True, text=True,
+                               timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found[0] if found else None
 
 
 def run_meta(device: torch.device) -> dict[str, Any]:
