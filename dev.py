@@ -160,7 +160,7 @@ def test_with(python: str, rest: list[str]) -> None:
             f"  {exe} -m pip install torch==VERSION "
             "--index-url https://download.pytorch.org/whl/cpu\n"
             f"  {exe} -m pip install numpy matplotlib pyyaml pytest nbval ipykernel "
-            "build twine 'setuptools>=77'\n"
+            "build twine packaging scikit-learn 'setuptools>=77'\n"
             f"  {exe} -m pip install 'aeon>=1.0'  # chapter 8's data sets (Python 3.11+)\n"
             f"  {exe} -m pip install --no-deps -e {ROOT}"
         )

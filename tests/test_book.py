@@ -196,6 +196,8 @@ def test_first_code_cell_is_the_colab_setup(path):
     later = "".join(_source(c) for c in nb["cells"] if c["cell_type"] == "code" and c is not first)
     if re.search(r"^\s*(from|import) aeon\b", later, flags=re.M):
         assert 'find_spec("aeon") is None' in src, "installs aeon only when not importable"
+    if re.search(r"^\s*(from|import) sklearn\b", later, flags=re.M):
+        assert 'find_spec("sklearn") is None' in src, "installs scikit-learn when missing"
 
 
 def _run_setup_cell(src: str, tmp_path: Path, absent: set[str]) -> tuple[list, str]:

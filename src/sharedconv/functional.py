@@ -44,6 +44,8 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def _as_int(value: object, what: str) -> int:
     """``value`` as a Python int: ints and integer scalars such as ``numpy.int64``, not bools."""
+    if type(value) is int:  # the common case, first (a bool's type is bool, not int)
+        return value
     if isinstance(value, bool):
         raise TypeError(f"{what}, got a bool ({value})")
     # numpy's bools (numpy.bool_, named "bool" from numpy 2 on) are no ints either; before
@@ -59,6 +61,13 @@ def _as_int(value: object, what: str) -> int:
 
 def _as_tuple(value: _IntOrTuple, n: int, name: str, minimum: int) -> tuple[int, ...]:
     """``value`` as a tuple of ``n`` ints, each at least ``minimum``; clear errors otherwise."""
+    # the common cases, first and cheap: every call of shared_conv checks three options
+    if type(value) is int:
+        if value >= minimum:
+            return (value,) * n
+    elif type(value) is tuple and len(value) == n and all(
+            type(item) is int and item >= minimum for item in value):
+        return value
     what = f"{name} must be an int or a tuple of {n} ints"
     if isinstance(value, Sequence) and not isinstance(value, str):
         items = tuple(value)
