@@ -84,7 +84,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -118,7 +118,7 @@ PARTS = ("forward", "input_grad", "weight_grad")
 #: The most keys the cache holds; the oldest is dropped to make room for a new one.
 CACHE_LIMIT = 1024
 
-#: Interleaved rounds per tuning: each candidate is sampled this many times.
+#: How many interleaved rounds a tuning samples each candidate in.
 ROUNDS = 7
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -536,7 +536,7 @@ def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[s
 #: The function that times candidates, ``timer(candidates, device, part)``, returning each
 #: candidate's samples in seconds: :func:`measure` by default; tests replace it to check
 #: which strategy is picked.
-timer: Callable[..., Mapping[str, Sequence[float]]] = measure
+timer: Callable[..., dict[str, list[float]]] = measure
 
 
 def _spread(values: Sequence[float]) -> float:

@@ -1,6 +1,6 @@
 """The book's instruments: what the chapters measure and draw the layers with.
 
-Nothing in :mod:`sharedconv`'s layers imports this subpackage; it is imported by the book,
+Nothing in the layers of ``sharedconv`` imports this subpackage; it is imported by the book,
 the tests and the benchmark programs.
 
 - :mod:`sharedconv.lab.baselines`: the other ways people compute a shared convolution

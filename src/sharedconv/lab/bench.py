@@ -782,7 +782,7 @@ def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-#: The tuner's bound on held-out shapes: the tuned layer over the fastest other approach.
+#: The bound for held-out shapes, the tuned layer's time over the fastest other approach's.
 HELDOUT_GOAL = 1.10
 
 
