@@ -96,3 +96,24 @@ def assert_drawn_like(layer: nn.Module, conv: nn.Module, bound: float) -> None:
         torch.quantile(w, q), torch.quantile(conv.weight.detach().flatten(), q),
         rtol=0, atol=0.05 * bound,
     )
+
+
+def assert_format_like_nn(layer, x: torch.Tensor, channels_last_input: bool,
+                          channels_last_weight: bool, tol: float) -> None:
+    """``layer``'s output has the strides (of dimensions longer than one) and the values of
+    its ``to_conv()`` twin's, with the input and the weights stored as asked."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()]
+    conv = layer.to_conv()
+    if channels_last_input:
+        x = x.contiguous(memory_format=fmt)
+    if channels_last_weight:
+        layer.weight.data = layer.weight.data.contiguous(memory_format=fmt)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        ours, theirs = layer(x), conv(x)
+
+    def strides(t):
+        return [s for s, n in zip(t.stride(), t.shape, strict=True) if n > 1]
+
+    assert strides(ours) == strides(theirs), (channels_last_input, channels_last_weight)
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)

@@ -9,7 +9,15 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONV, KERNELS, SHARED, SIZES, assert_matches_grouped_conv, tied_conv
+from conftest import (
+    CONV,
+    KERNELS,
+    SHARED,
+    SIZES,
+    assert_format_like_nn,
+    assert_matches_grouped_conv,
+    tied_conv,
+)
 from torch import nn
 
 import sharedconv
@@ -110,11 +118,6 @@ def test_no_labels_gives_an_empty_output_on_both_paths(padding):
 _FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
-def _strides(t):
-    """The strides that matter: those of dimensions longer than one."""
-    return [s for s, n in zip(t.stride(), t.shape, strict=True) if n > 1]
-
-
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])
@@ -130,17 +133,8 @@ def test_output_memory_format_is_nn_convnds(dim, dtype, transposed):
                 3 * groups, 2 * groups, 3, groups=groups, dtype=dtype)
         else:
             layer = SHARED[dim](3 * groups, 2 * groups, 3, groups=groups, dtype=dtype)
-        conv = layer.to_conv()
         x = torch.randn(batch, 3 * groups, *(6,) * dim, dtype=dtype)
-        if cl_x:
-            x = x.contiguous(memory_format=fmt)
-        if cl_w:
-            layer.weight.data = layer.weight.data.contiguous(memory_format=fmt)
-            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
-        with torch.no_grad():
-            ours, theirs = layer(x), conv(x)
-        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
-        assert _strides(ours) == _strides(theirs), (groups, cl_x, cl_w, batch)
+        assert_format_like_nn(layer, x, cl_x, cl_w, tol=2e-2)
     if dim == 3 and dtype == torch.float64 and not transposed:  # the case reported
         x = torch.randn(2, 6, 5, 5, 5, dtype=dtype).contiguous(memory_format=fmt)
         layer = SHARED[3](6, 6, 3, groups=3, dtype=dtype)

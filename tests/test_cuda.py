@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import SHARED, cuda, tied_conv
+from conftest import SHARED, assert_format_like_nn, cuda, tied_conv
 from torch.utils.checkpoint import checkpoint
 
 import sharedconv
@@ -49,21 +49,13 @@ def test_real_tuning_with_checkpointing_on_cuda(dim):
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_output_memory_format_is_nn_convnds_on_cuda(dim, dtype):
-    fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
-    for groups, cl_x, cl_w in itertools.product((1, 4), (False, True), (False, True)):
-        layer = SHARED[dim](2 * groups, 3 * groups, 3, groups=groups, device="cuda",
-                            dtype=dtype)
-        conv = layer.to_conv()
+    for transposed, groups, cl_x, cl_w in itertools.product((False, True), (1, 4),
+                                                            (False, True), (False, True)):
+        kind = f"SharedConvTranspose{dim}d" if transposed else f"SharedConv{dim}d"
+        layer = getattr(sharedconv, kind)(2 * groups, 3 * groups, 3, groups=groups,
+                                          device="cuda", dtype=dtype)
         x = torch.randn(2, 2 * groups, *(6,) * dim, device="cuda", dtype=dtype)
-        if cl_x:
-            x = x.contiguous(memory_format=fmt)
-        if cl_w:
-            layer.weight.data = layer.weight.data.contiguous(memory_format=fmt)
-            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
-        with torch.no_grad():
-            ours, theirs = layer(x), conv(x)
-        assert ours.stride() == theirs.stride(), (groups, cl_x, cl_w)
-        torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)
+        assert_format_like_nn(layer, x, cl_x, cl_w, tol=1e-2)
 
 
 @cuda
