@@ -12,7 +12,12 @@ import threading
 import pytest
 import torch
 from conftest import tied_conv
-from test_tuning import ConvGroups, Forced, _refuse
+from test_tuning import (
+    ConvGroups,
+    Forced,
+    _fresh_tuner,  # noqa: F401 - autouse: a fresh cache, no timing
+    _refuse,
+)
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,15 +26,6 @@ from sharedconv import tuning
 
 PLANS = [("fold", "fold", "fold"), ("unfold", "grouped", "fold"),
          ("grouped", "grouped", "grouped"), ("fold", "unfold", "unfold")]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_tuner(monkeypatch):
-    tuning.clear_cache()
-    monkeypatch.setattr(tuning, "timer", _refuse)
-    yield
-    tuning.clear_cache()
-    tuning.enable(False)
 
 
 def _layer(**options):

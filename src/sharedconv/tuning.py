@@ -124,8 +124,6 @@ ROUNDS = 7
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _LAYOUTS = ("contiguous", "channels_last", "strided")
 _SIZES = ("exact", "pow2")
-#: Tensors that are no subclass with behaviour of its own (a parameter is a plain tensor).
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 # ------------------------------------------------------------------------------ switch
@@ -186,24 +184,6 @@ def _autocasting(x: Tensor) -> bool:
     if _ANY_AUTOCAST is not None:
         return bool(_ANY_AUTOCAST())
     return torch.is_autocast_enabled(x.device.type)
-
-
-def _applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether an eager call may leave the fold: nothing is tracing, transforming or casting."""
-    if type(x) not in _PLAIN or type(weight) not in _PLAIN:
-        return False
-    if (
-        torch._C._are_functorch_transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch.jit.is_tracing()
-    ):
-        return False
-    if x.is_cpu:
-        return not (_autocasting(x) or x.is_complex() or x.numel() == 0)
-    if x.is_cuda:
-        return not (_autocasting(x) or x.is_complex() or x.numel() == 0
-                    or torch.cuda.is_current_stream_capturing())
-    return False
 
 
 def _modes_active() -> bool:
@@ -953,8 +933,9 @@ def _conv(xf: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
           padding: tuple[int, ...], dilation: tuple[int, ...], groups: int
           ) -> Tensor | None:
     """The tuned shared convolution of the folded, padded input ``(B * G, D, *S)``: the
-    folded output ``(B * G, F, *S_out)``, or ``None`` where tuning does not apply (see
-    :func:`_applies`) and the caller runs the fold itself.
+    folded output ``(B * G, F, *S_out)``, or ``None`` where tuning does not apply (tensor
+    subclasses, transforms, forward-mode AD, tracing, autocast, complex or empty inputs,
+    devices other than CPU and CUDA, CUDA graph capture) and the caller runs the fold.
 
     Called for every eager call inside :func:`autotune`, so the way to a cached choice is
     kept short: a few checks, one tuple, one look-up.
@@ -964,10 +945,8 @@ def _conv(xf: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
         return None
     if _TRANSFORMS() or _FORWARD_AD._current_level >= 0 or _TRACING():
         return None
-    if xf.is_cpu:
-        if _autocasting(xf) or xf.is_complex() or xf.numel() == 0:
-            return None
-    elif not xf.is_cuda or not _applies(xf, w):
+    if not (xf.is_cpu or xf.is_cuda) or _autocasting(xf) or xf.is_complex() or (
+            xf.numel() == 0) or (xf.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     grad = _GRAD()
     needs = (grad and xf.requires_grad, grad and w.requires_grad,
