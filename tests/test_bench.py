@@ -87,7 +87,7 @@ def test_quick_suites_agree_and_record(suite):
         tuning = record["approaches"]["tuned"]["tuning"]
         assert set(tuning["choices"]) == {"forward", "forward_backward"}
         training = tuning["choices"]["forward_backward"]
-        parts = {"forward", "input_grad", "weight_grad"}  # and the whole step, where the
+        parts = {"forward", "input_grad", "weight_grad", "bias_grad"}  # and the step, if the
         assert set(training["timings"]) - {"step"} == parts  # plan was not the fold
         assert set(training["timings"]["forward"]) == {"fold", "grouped", "unfold"}
         assert all(v > 0 for v in training["tuning_s"].values())

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sharedconv import tuning
 from sharedconv.lab import roofline
 
 SEED2 = dict(B=8, G=8900, D=100, L=512, F=50, k=3)
@@ -83,7 +84,7 @@ def test_run_in_a_fresh_process_records_every_point():
         assert point["seconds"] > 0
         assert ("flops" in point) == (point["approach"] != "tuned")
     tuned = next(p for p in result["points"] if p["approach"] == "tuned")
-    assert set(tuned["choice"]) == {"forward", "input_grad", "weight_grad"}
+    assert set(tuned["choice"]) == set(tuning.PARTS)
 
 
 def test_measure_roof_is_positive_and_says_how():

@@ -42,9 +42,10 @@ class Forced:
     strategy), ``"fold"``, or a strategy for every part.
     """
 
-    def __init__(self, forward="fold", input_grad="fold", weight_grad="fold", step="plan"):
+    def __init__(self, forward="fold", input_grad="fold", weight_grad="fold", step="plan",
+                 bias_grad="fold"):
         self.want = {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad,
-                     "step": step}
+                     "bias_grad": bias_grad, "step": step}
         self.asked: list[tuple[str, tuple[str, ...]]] = []
 
     def __call__(self, candidates, device, part):
@@ -83,36 +84,45 @@ CASES = [(dim, combo, options) for dim in (1, 2, 3) for combo in _combos(dim)
 
 @pytest.mark.parametrize("dim,combo,options", CASES,
                          ids=[f"{d}d-{'-'.join(c)}-s{o['stride']}" for d, c, o in CASES])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bias", ["fold", "sum", None])
 def test_every_strategy_equals_tied_grouped_conv(dim, combo, options, bias, monkeypatch):
-    forced = Forced(*combo)
+    forced = Forced(*combo, bias_grad=bias)
     monkeypatch.setattr(tuning, "timer", forced)
     torch.manual_seed(0)
     G, D, F_out = 3, 2, 4
-    layer = SHARED[dim](G * D, G * F_out, KERNELS[dim], groups=G, bias=bias,
+    layer = SHARED[dim](G * D, G * F_out, KERNELS[dim], groups=G, bias=bias is not None,
                         dtype=torch.float64, **options)
     x = torch.randn(2, G * D, *(s + 4 for s in SIZES[dim]), dtype=torch.float64)
     with sharedconv.autotune():
         assert_matches_grouped_conv(layer, x, rtol=1e-12, atol=1e-12)
         (choice,) = tuning.cache().values()
         assert (choice.forward, choice.input_grad, choice.weight_grad) == combo
+        # the bias: in the bank's call or by its own sum (unfold's bank has no call)
+        bias_way = bias and ("sum" if combo[2] == "unfold" else bias)
+        assert choice.bias_grad == bias_way
         # autograd keeps the (padded) input and the one bank, as the bare fold does
         x_grad = x.clone().requires_grad_()
         tuned = saved_tensors(layer, x_grad, exclude=[layer.weight])
     fold = saved_tensors(layer, x_grad, exclude=[layer.weight])
     assert tuned.nbytes == fold.nbytes > 0 and tuned.count == fold.count
     # then whole steps: the fold's, each other strategy's and the parts' plan
-    assert [part for part, _ in forced.asked] == [*tuning.PARTS, "step"]
+    timed_bias = bias is not None and combo[2] != "unfold"
+    assert [part for part, _ in forced.asked] == [
+        *tuning.PARTS[:3], *["bias_grad"] * timed_bias, "step"]
     plans = dict(forced.asked)["step"]
-    assert plans[:2] == ("fold", "grouped") and ("plan" in plans) == (len(set(combo)) > 1)
+    uniform = len(set(combo)) == 1 and bias_way in (None, "sum" if combo[0] == "unfold"
+                                                    else "fold")
+    assert plans[:2] == ("fold", "grouped") and ("plan" in plans) == (not uniform)
 
 
 @pytest.mark.parametrize("strategy", tuning.STRATEGIES)
 @pytest.mark.parametrize("dim", [1, 2])
-def test_gradcheck_and_gradgradcheck_per_strategy(strategy, dim, monkeypatch):
+@pytest.mark.parametrize("bias_grad", tuning.BIAS_STRATEGIES)
+def test_gradcheck_and_gradgradcheck_per_strategy(strategy, dim, bias_grad, monkeypatch):
     if strategy == "unfold" and dim != 1:
         pytest.skip("unfold is a 1-d strategy")
-    monkeypatch.setattr(tuning, "timer", Forced(strategy, strategy, strategy))
+    monkeypatch.setattr(tuning, "timer", Forced(strategy, strategy, strategy,
+                                                bias_grad=bias_grad))
     torch.manual_seed(1)
     G, D, F_out = 3, 2, 3
     size = {1: (9,), 2: (5, 6)}[dim]
@@ -177,15 +187,15 @@ def test_a_choice_is_reused_for_its_key_and_redone_for_a_new_one(monkeypatch):
         for _ in range(3):
             layer(x).sum().backward()
         # once each, and the plan (grouped forward) checked as a whole step once
-        assert [p for p, _ in forced.asked] == ["forward", "weight_grad", "step"]
+        assert [p for p, _ in forced.asked] == ["forward", "weight_grad", "bias_grad", "step"]
         with torch.no_grad():  # no gradient needed: a key of its own
             layer(x)
             layer(x)
-        assert len(forced.asked) == 4
+        assert len(forced.asked) == 5
         layer(torch.randn(3, 4, 30)).sum().backward()  # another batch size
-        assert len(forced.asked) == 7
+        assert len(forced.asked) == 9
         layer(x.detach().requires_grad_()).sum().backward()  # the input's gradient too
-        assert len(forced.asked) == 11
+        assert len(forced.asked) == 14
         before = torch.get_num_threads()
         torch.set_num_threads(1 if before > 1 else 2)
         try:
@@ -193,7 +203,7 @@ def test_a_choice_is_reused_for_its_key_and_redone_for_a_new_one(monkeypatch):
                 layer(x)
         finally:
             torch.set_num_threads(before)
-        assert len(forced.asked) == 12
+        assert len(forced.asked) == 15
     keys = list(tuning.cache())
     assert len(keys) == 5 and len(set(keys)) == 5
     assert {k.needs for k in keys} == {(False, True, True), (False, False, False),

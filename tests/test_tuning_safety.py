@@ -214,7 +214,8 @@ def test_a_forced_choice_stays_in_its_thread(monkeypatch):
 
 
 def _saved_entry(tmp_path, monkeypatch, dim=1):
-    monkeypatch.setattr(tuning, "timer", Forced("grouped", "fold", "grouped"))
+    monkeypatch.setattr(tuning, "timer", Forced("grouped", "fold", "grouped",
+                                                bias_grad="sum"))
     if dim == 1:
         layer, size = sharedconv.SharedConv1d(4, 8, 3, groups=4), (30,)
     else:
@@ -247,6 +248,8 @@ def _hostile(entry):
     return {
         "a null forward": edit(forward=None),
         "an unknown strategy": edit(weight_grad="magic"),
+        "a bias strategy for the bank": edit(bias_grad="grouped"),
+        "a bias gradient the key does not need": edit(key__needs=[True, True, False]),
         "unfold for a 2-d key": edit(key__bank=[2, 1, 3, 3], key__input=[8, 1, 9, 9],
                                      key__stride=[1, 1], key__padding=[0, 0],
                                      key__dilation=[1, 1], forward="unfold"),
@@ -266,7 +269,8 @@ def _hostile(entry):
 _DELETE = object()
 
 
-HOSTILE = ["a null forward", "an unknown strategy", "unfold for a 2-d key",
+HOSTILE = ["a null forward", "an unknown strategy", "a bias strategy for the bank",
+           "a bias gradient the key does not need", "unfold for a 2-d key",
            "grouped beyond the memory rule", "a missing key field",
            "a key field of the wrong type", "a gradient the key does not need",
            "a dtype torch does not have", "a device that is none",

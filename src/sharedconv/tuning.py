@@ -25,9 +25,15 @@ later calls with that key reuse the choice. The strategies are
     PyTorch's grouped convolution over ``groups`` temporary copies of the bank, made for
     the call and dropped after it (never saved for the backward);
 ``unfold``
-    1-d only: batched matrix products of the bank with the unfolded input windows
-    (``im2col``), processed a few samples at a time so that the windows stay in the
-    CPU's level-2 cache (its size is read from the operating system).
+    1-d only: matrix products of the bank with the unfolded input windows (``im2col``,
+    the windows of one sample as the columns of a matrix), a few samples at a time so
+    that the windows stay in the CPU's level-2 cache (its size is read from the operating
+    system); the input gradient is one product per tap and ``k`` shifted additions.
+
+The bias gradient has two ways (:data:`BIAS_STRATEGIES`): ``fold``, computed by the same
+call of the convolution's backward as the weight gradient, or ``sum``, a reduction of its
+own. Which is faster depends on the library: oneDNN's bias gradient inside a convolution's
+backward can cost more than the weight gradient it comes with.
 
 **A choice is a measured win, or the fold.** Each candidate is sampled in interleaved
 rounds (:func:`measure`); a strategy other than the fold is chosen only when its median
@@ -36,8 +42,8 @@ of the two) and by at least :data:`MARGIN` (5 %), so a difference that the machi
 could have made keeps the fold. The medians and spreads are kept in the cache entry
 (:class:`Choice`).
 
-When gradients are needed, the forward, the input gradient and the weight gradient are
-chosen *each by its own timing* (the backward parts on the first backward pass, with the
+When gradients are needed, the forward, the input gradient, the weight gradient and the
+bias gradient are chosen *each by its own timing* (the backward parts on the first backward pass, with the
 real output gradient), so a step may run its forward one way and its backward another.
 Then whole training steps are timed against the fold's step, by the same rule: each other
 strategy for every part (its backward is then one call), and the parts as chosen one by
@@ -96,7 +102,9 @@ from torch import Tensor
 __all__ = [
     "CACHE_LIMIT",
     "Choice",
+    "BIAS_STRATEGIES",
     "Key",
+    "PARTS",
     "STRATEGIES",
     "autotune",
     "cache",
@@ -113,7 +121,12 @@ __all__ = [
 STRATEGIES = ("fold", "grouped", "unfold")
 
 #: The parts of a convolution that are chosen separately.
-PARTS = ("forward", "input_grad", "weight_grad")
+PARTS = ("forward", "input_grad", "weight_grad", "bias_grad")
+
+#: The ways to get the bias gradient: ``fold``, in the same call of the convolution's
+#: backward as the weight gradient (where that is the fold's or the grouped convolution's),
+#: or ``sum``, its own reduction of the output gradient over samples and positions.
+BIAS_STRATEGIES = ("fold", "sum")
 
 #: The most keys the cache holds; the oldest is dropped to make room for a new one.
 CACHE_LIMIT = 1024
@@ -225,7 +238,8 @@ class Key(NamedTuple):
 class Choice:
     """The strategy chosen for each part, with what its choice rests on.
 
-    ``input_grad`` and ``weight_grad`` stay ``None`` until a backward pass needed them.
+    ``input_grad``, ``weight_grad`` and ``bias_grad`` stay ``None`` until a backward pass
+    needed them; ``bias_grad`` is one of :data:`BIAS_STRATEGIES`.
     ``timings[part][strategy]`` is the median seconds of the candidate's samples,
     ``spread[part][strategy]`` their interquartile range (seconds), and ``tuning_s[part]``
     the wall time that tuning the part cost, warm-up included.
@@ -234,6 +248,7 @@ class Choice:
     forward: str
     input_grad: str | None = None
     weight_grad: str | None = None
+    bias_grad: str | None = None
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     tuning_s: dict[str, float] = field(default_factory=dict)
@@ -241,7 +256,8 @@ class Choice:
     def is_fold(self, needs: tuple[bool, bool, bool]) -> bool:
         """Every part that ``needs`` (input, weight, bias gradients) asks for runs the fold."""
         return self.forward == "fold" and (not needs[0] or self.input_grad == "fold") and (
-            not needs[1] or self.weight_grad == "fold")
+            not needs[1] or self.weight_grad == "fold") and (
+            not needs[2] or self.bias_grad == "fold")
 
 
 #: The cache: a call's raw key (:func:`_raw`, cheap to build) -> its :class:`Key` and the
@@ -418,11 +434,12 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
         if name is None and part != "forward":
             parts[part] = None
             continue
-        if name not in STRATEGIES:
-            raise ValueError(f"{part!r}: unknown strategy {name!r} (known: {STRATEGIES})")
+        known = _TIMED[part]
+        if name not in known:
+            raise ValueError(f"{part!r}: unknown strategy {name!r} (known: {known})")
         if not needed:
             raise ValueError(f"{part!r} is {name!r} for a key that does not need it")
-        if name not in allowed:
+        if part != "bias_grad" and name not in allowed:
             raise ValueError(f"{part!r}: {name!r} is not valid for this key (valid: "
                              f"{allowed}: 'unfold' is 1-d only, and 'grouped' and 'unfold' "
                              "only where their temporaries are no larger than what a step "
@@ -445,12 +462,13 @@ def _parse_entry(entry: Any) -> tuple[Key, Choice]:
     forward = parts["forward"]
     assert forward is not None  # checked above: the forward always has a strategy
     return key, Choice(forward, parts["input_grad"], parts["weight_grad"],
-                       extras["timings"], extras["spread"], dict(spent))
+                       parts["bias_grad"], extras["timings"], extras["spread"], dict(spent))
 
 
 #: What a choice's timings may name: each part's strategies, and whole steps (each
 #: strategy for every part, and "plan", the parts chosen one by one).
-_TIMED = {**{part: STRATEGIES for part in PARTS}, "step": (*STRATEGIES, "plan")}
+_TIMED = {**{part: STRATEGIES for part in PARTS[:3]}, "bias_grad": BIAS_STRATEGIES,
+          "step": (*STRATEGIES, "plan")}
 
 
 def _seconds(value: Any) -> bool:
@@ -540,7 +558,7 @@ def _decide(samples: dict[str, Sequence[float]]) -> tuple[str, dict[str, float],
     interquartile range of the two) or below :data:`MARGIN` of the fold's median."""
     medians = {name: statistics.median(s) for name, s in samples.items()}
     spreads = {name: _spread(s) for name, s in samples.items()}
-    order = {name: i for i, name in enumerate(("fold", *STRATEGIES[1:], "plan"))}
+    order = {name: i for i, name in enumerate(("fold", *STRATEGIES[1:], "sum", "plan"))}
     fastest = min(medians, key=lambda name: (medians[name], order[name]))
     if fastest != "fold":
         win = medians["fold"] - medians[fastest]
@@ -719,16 +737,22 @@ def _unfold_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Ten
 
 def _unfold_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tensor:
     """``bank^T @ grad`` is the gradient of every window; its ``k`` taps are added back at
-    their offsets with ``k`` strided additions."""
+    their offsets with ``k`` strided additions.
+
+    The products of many samples go in one call: as many as keep the per-tap gradients
+    (``D * k`` rows per sample) no larger than the input or the output gradient, whichever
+    is larger, a temporary the step holds anyway.
+    """
     f_out, d, k = w.shape
     n, length, pad = xf.shape[0], xf.shape[2], o.padding[0]
     stride, dilation = o.stride[0], o.dilation[0]
     out_len = grad.shape[2]
-    bank_t = w.reshape(1, f_out, d * k).transpose(1, 2)
+    bank_t = w.reshape(f_out, d * k).t()
     gx = grad.new_zeros(n, d, length + 2 * pad)
-    for i, j in _chunks(n, d * k * out_len * xf.element_size(), xf):
-        per_tap = torch.bmm(bank_t.expand(j - i, d * k, f_out), grad[i:j])
-        per_tap = per_tap.view(j - i, d, k, out_len)
+    step = max(1, max(xf.numel(), grad.numel()) // max(1, d * k * out_len))
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        per_tap = torch.matmul(bank_t, grad[i:j]).view(j - i, d, k, out_len)
         for tap in range(k):
             start = tap * dilation
             gx[i:j, :, start:start + stride * (out_len - 1) + 1:stride] += per_tap[:, :, tap]
@@ -811,52 +835,71 @@ class _TunedConv(torch.autograd.Function):
         needs = (need_x, need_w, need_b and ctx.has_bias)
         if torch._C._are_functorch_transforms_active():
             # is_grads_batched and the like: the fold, whose operators have batching rules
-            ways = ("fold", "fold")
+            ways = ("fold", "fold", "fold")
         else:
             missing = ((need_x and choice.input_grad is None)
-                       or (need_w and choice.weight_grad is None))
+                       or (need_w and choice.weight_grad is None)
+                       or (needs[2] and choice.bias_grad is None))
             if missing and _may_time():  # (under a counting mode: the fold, chosen later)
                 _tune_backward(choice, grad, xf, weight, o, needs, ctx.has_bias)
-            ways = tuple(_usable(name or "fold", xf, weight, o, ctx.exact)
-                         for name in (choice.input_grad, choice.weight_grad))
+            ways = (*(_usable(name or "fold", xf, weight, o, ctx.exact)
+                      for name in (choice.input_grad, choice.weight_grad)),
+                    choice.bias_grad or "fold")
         gx, gw, gb = _backward(ways, grad, xf, weight, o, needs)
         return gx, gw, gb, None, None, None
 
 
+def _conv_backward(way: str, grad: Tensor, xf: Tensor, w: Tensor, o: _Options,
+                   mask: list[bool]) -> tuple[Tensor | None, ...]:
+    """The gradients ``mask`` asks for (input, bank, bias), in one call of PyTorch's
+    convolution backward: the fold's (``way="fold"``) or the grouped convolution's."""
+    need_b = mask[2]
+    if way == "fold":
+        gx, gw, gb = _bw(grad, xf, w, w.shape[0] if need_b else None, o, 1, mask)
+        return gx, gw, gb if need_b else None
+    g, f = o.groups, w.shape[0]
+    gx, gw, gb = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g),
+                     g * f if need_b else None, o, g, mask)
+    return (gx.reshape(xf.shape) if mask[0] else None,
+            gw.view(g, *w.shape).sum(0) if mask[1] else None,
+            gb.view(g, f).sum(0) if need_b else None)
+
+
+def _bias_sum(grad: Tensor) -> Tensor:
+    return grad.sum([0, *range(2, grad.dim())])
+
+
 def _backward(ways: tuple[str, ...], grad: Tensor, xf: Tensor, w: Tensor, o: _Options,
               needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
-    """The gradients ``needs`` asks for, the input's by ``ways[0]`` and the bank's (and the
-    bias's) by ``ways[1]``; one call of PyTorch's convolution backward where both run the
-    fold or both the grouped convolution."""
+    """The gradients ``needs`` asks for: the input's by ``ways[0]``, the bank's by
+    ``ways[1]`` and the bias's by ``ways[2]`` (``"fold"``: in the weight gradient's call
+    where that is a convolution's backward; ``"sum"``: its own reduction). One call of
+    PyTorch's convolution backward where the input and the bank take the same one."""
     need_x, need_w, need_b = needs
+    in_call = need_b and ways[2] == "fold"
     gx = gw = gb = None
     if need_x and need_w and ways[0] == ways[1] != "unfold":
-        if ways[0] == "fold":
-            gx, gw, gb = _bw(grad, xf, w, w.shape[0] if need_b else None, o, 1,
-                             [True, True, need_b])
-        else:
-            g, f = o.groups, w.shape[0]
-            gx, gw, gb = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g),
-                             g * f if need_b else None, o, g, [True, True, need_b])
-            gx, gw = gx.reshape(xf.shape), gw.view(g, *w.shape).sum(0)
-            gb = gb.view(g, f).sum(0) if need_b else None
-        return gx, gw, gb if need_b else None
-    if need_x:
-        gx = _INPUT_GRAD[ways[0]](grad, xf, w, o)
-    if need_w:
-        gw, gb = _WEIGHT_GRAD[ways[1]](grad, xf, w, o, need_b)
-    elif need_b:
-        gb = grad.sum([0, *range(2, grad.dim())])
+        gx, gw, gb = _conv_backward(ways[0], grad, xf, w, o, [True, True, in_call])
+    else:
+        if need_x:
+            gx = _INPUT_GRAD[ways[0]](grad, xf, w, o)
+        if need_w:
+            gw, gb = _WEIGHT_GRAD[ways[1]](grad, xf, w, o, in_call)
+        elif in_call:
+            gb = _conv_backward("fold", grad, xf, w, o, [False, False, True])[2]
+    if need_b and gb is None:
+        gb = _bias_sum(grad)
     return gx, gw, gb
 
 
 def _tune_backward(choice: Choice, grad: Tensor, xf: Tensor, w: Tensor, o: _Options,
                    needs: tuple[bool, bool, bool], has_bias: bool) -> None:
-    """Choose the backward parts a step needs, each by its own timing; then time whole
-    training steps: the fold's, the parts so chosen (``"plan"``, where it is not the fold)
-    and each other strategy for every part (whose backward is then one call), and keep the
-    fastest by the rule of :func:`_decide` (the fold, unless another wins beyond the spread
-    and the margin)."""
+    """Choose the backward parts a step needs, each by its own timing (the bias's after
+    the bank's, in its call or by its own sum); then time whole training steps: the
+    fold's, the parts so chosen (``"plan"``, where it is not the fold) and each other
+    strategy for every part (whose backward is then one call), and keep the fastest by the
+    rule of :func:`_decide` (the fold, unless another wins beyond the spread and the
+    margin)."""
     names = _candidates(xf, w, o)
     need_x, need_w, need_b = needs
     if need_x and choice.input_grad is None:
@@ -864,19 +907,36 @@ def _tune_backward(choice: Choice, grad: Tensor, xf: Tensor, w: Tensor, o: _Opti
                                      for n in names}, xf.device)
     if need_w and choice.weight_grad is None:
         _pick(choice, "weight_grad", {
-            n: functools.partial(_WEIGHT_GRAD[n], grad, xf, w, o, need_b) for n in names},
+            n: functools.partial(_WEIGHT_GRAD[n], grad, xf, w, o, False) for n in names},
             xf.device)
-    if len(names) == 1:
+    if need_b and choice.bias_grad is None:
+        way = choice.weight_grad if need_w else "fold"
+        assert way is not None  # chosen above
+        if way == "unfold":  # the weight's call has no bias to give: a sum either way
+            ways: dict[str, Callable[[], object]] = {"sum": lambda: None}
+        else:
+            def in_call() -> object:
+                return _conv_backward(way, grad, xf, w, o, [False, need_w, True])
+
+            def summed() -> object:
+                gw = _conv_backward(way, grad, xf, w, o, [False, True, False]) if need_w \
+                    else None
+                return gw, _bias_sum(grad)
+
+            ways = {"fold": in_call, "sum": summed}
+        _pick(choice, "bias_grad", ways, xf.device)
+    if len(names) == 1 and not (need_b and choice.bias_grad == "sum"):
         return
 
-    def parts(forward: str, input_grad: str | None, weight_grad: str | None) -> Choice:
+    def parts(forward: str, input_grad: str | None, weight_grad: str | None,
+              bias_grad: str | None) -> Choice:
         return Choice(forward, input_grad if need_x else None,
-                      weight_grad if need_w else None)
+                      weight_grad if need_w else None, bias_grad if need_b else None)
 
-    plans = {"fold": parts("fold", "fold", "fold")}
-    chosen = parts(choice.forward, choice.input_grad, choice.weight_grad)
+    plans = {"fold": parts("fold", "fold", "fold", "fold")}
+    chosen = parts(choice.forward, choice.input_grad, choice.weight_grad, choice.bias_grad)
     for name in names[1:]:
-        plans[name] = parts(name, name, name)
+        plans[name] = parts(name, name, name, "sum" if name == "unfold" else "fold")
     if not chosen.is_fold(needs) and chosen not in plans.values():
         plans["plan"] = chosen
     bias = w.new_zeros(w.shape[0]) if has_bias else None
@@ -896,8 +956,9 @@ def _tune_backward(choice: Choice, grad: Tensor, xf: Tensor, w: Tensor, o: _Opti
     best = plans[_pick(choice, "step", {n: step(p) for n, p in plans.items()}, xf.device)]
     with _LOCK:
         choice.forward = best.forward
-        choice.input_grad = best.input_grad if need_x else choice.input_grad
-        choice.weight_grad = best.weight_grad if need_w else choice.weight_grad
+        for part, need in zip(PARTS[1:], needs, strict=True):
+            if need:
+                setattr(choice, part, getattr(best, part))
 
 
 def _usable(name: str, xf: Tensor, w: Tensor, o: _Options, exact: bool) -> str:
@@ -976,7 +1037,7 @@ def _conv(xf: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, ...],
             return _fold_forward(xf, w, b, o)
         names = _candidates(xf, w, o)
         if names == ("fold",):  # nothing to choose between, for any part
-            choice = Choice("fold", "fold", "fold", {p: {} for p in PARTS},
+            choice = Choice("fold", "fold", "fold", "fold", {p: {} for p in PARTS},
                             {p: {} for p in PARTS})
         else:
             choice = Choice(forward="fold")

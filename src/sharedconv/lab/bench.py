@@ -259,7 +259,8 @@ def _tune(approach: Approach, device: torch.device) -> dict[str, Any]:
     for key, choice in tuning.cache().items():
         kind = "forward_backward" if any(key.needs) else "forward"
         choices[kind] = {"forward": choice.forward, "input_grad": choice.input_grad,
-                         "weight_grad": choice.weight_grad, "timings": choice.timings,
+                         "weight_grad": choice.weight_grad, "bias_grad": choice.bias_grad,
+                         "timings": choice.timings,
                          "tuning_s": choice.tuning_s}
     return {"first_forward_s": forward_s, "first_forward_backward_s": step_s,
             "choices": choices}
@@ -422,7 +423,8 @@ def _only(strategy: str, groups: int, padding: int) -> Callable[..., torch.Tenso
     from .. import tuning
     from ..functional import shared_conv
 
-    choice = tuning.Choice(strategy, strategy, strategy)
+    choice = tuning.Choice(strategy, strategy, strategy,
+                           "sum" if strategy == "unfold" else "fold")
 
     def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with tuning._force(choice):
@@ -804,8 +806,8 @@ def heldout_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "tuned_vs_fold": t["tuned"] / t["layer"],
                          "same_code": t["layer_again"] / t["layer"]}
         choices = ap["tuned"]["tuning"]["choices"]
-        row["choices"] = {kind: "/".join(str(c[p]) for p in ("forward", "input_grad",
-                                                              "weight_grad") if c[p])
+        parts = ("forward", "input_grad", "weight_grad", "bias_grad")
+        row["choices"] = {kind: "/".join(str(c[p]) for p in parts if c.get(p))
                           for kind, c in choices.items()}
         row["tuning_s"] = {kind: sum(c["tuning_s"].values()) for kind, c in choices.items()}
         rows.append(row)

@@ -174,8 +174,8 @@ def _run_here(device: str, shapes: dict[str, dict[str, int]], rounds: int,
                              moved_bytes=costs[approach].moved_bytes)
             if "tuning" in timed:
                 choice = timed["tuning"]["choices"]["forward_backward"]
-                point["choice"] = {part: choice[part]
-                                   for part in ("forward", "input_grad", "weight_grad")}
+                point["choice"] = {part: choice[part] for part in (
+                    "forward", "input_grad", "weight_grad", "bias_grad")}
             points.append(point)
     return {"meta": meta, "roof": roof, "points": points}
 
