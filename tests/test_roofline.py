@@ -96,3 +96,85 @@ def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "sharedconv.lab.roofline", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--threads" in out and "--out" in out and "--shapes" in out
+
+
+# ------------------------------------------------------------------ where the time goes
+
+SMALL = dict(B=2, G=4, D=3, L=20, F=5, k=3)
+
+
+def test_part_costs_count_what_each_part_reads_and_writes():
+    costs = roofline.part_costs(SMALL)
+    n, d, length, f, k = 2 * 4, 3, 20, 5, 3
+    x, w, b, y = n * d * length, f * d * k, f, n * f * length  # 'same' padding
+    macs = n * f * length * d * k
+    for part in ("forward", "input_grad", "weight_grad"):
+        # every strategy does the same multiply-adds
+        assert {costs[part, s][0] for s in ("fold", "grouped", "unfold")} == {2 * macs}
+    assert costs["forward", "fold"][1] == 4 * (x + w + b + y)  # read x, w, b; write y
+    assert costs["input_grad", "fold"][1] == 4 * (y + x + w + x)  # read y', x, w; write x'
+    assert costs["weight_grad", "fold"][1] == 4 * (y + x + w + w)  # write w'
+    assert costs["bias_grad", "sum"] == (0, 4 * (y + b))  # a sum: no multiply-adds
+    # grouped: G copies of the bank are written and read besides
+    assert costs["forward", "grouped"][1] > costs["forward", "fold"][1] + 4 * 4 * w
+
+
+def test_time_parts_times_every_strategy_of_every_part():
+    rows = roofline.time_parts(SMALL, rounds=1)
+    got = {(r["part"], r["strategy"]) for r in rows}
+    assert got == set(roofline.part_costs(SMALL))
+    assert {p for p, _ in got} == set(roofline.PARTS) == set(tuning.PARTS)
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not __import__("torch").backends.mkldnn.is_available(),
+                    reason="PyTorch was built without oneDNN")
+def test_primitives_come_from_onednn_log_of_one_step():
+    rows = roofline.primitives(SMALL, threads=1)
+    convolutions = [r["kind"] for r in rows if r["primitive"] == "convolution"]
+    # one step: the forward, then the input's and the weights' gradients
+    assert convolutions == ["forward_training", "backward_data", "backward_weights"]
+    assert all(r["ms"] >= 0 for r in rows)
+    assert all(r["bytes"] > 0 for r in rows if r["kind"] == "reorder")
+    text = roofline.primitive_table(rows)
+    assert "backward_data" in text and "reorders" in text.splitlines()[-1]
+
+
+def _fake_parts_run():
+    run = _fake_run()  # roof: 1e10 B/s, 2e11 FLOP/s
+    rows = []
+    for part, timings in (("forward", {"fold": 2e-3, "unfold": 1e-3}),
+                          ("input_grad", {"fold": 4e-3, "unfold": 3e-3}),
+                          ("weight_grad", {"fold": 1e-3, "unfold": 2e-3}),
+                          ("bias_grad", {"fold": 5e-4, "sum": 1e-4})):
+        for strategy, seconds in timings.items():
+            moved = 10**7 if strategy in ("fold", "sum") else 3 * 10**7
+            rows.append({"part": part, "strategy": strategy, "seconds": seconds,
+                         "flops": 0 if part == "bias_grad" else 10**8,
+                         "moved_bytes": moved})
+    run["parts"] = {"streams": rows}
+    return run
+
+
+def test_best_parts_and_the_parts_table():
+    run = _fake_parts_run()
+    best = roofline.best_parts(run, "streams")
+    assert best["best"] == {"forward": "unfold", "input_grad": "unfold",
+                            "weight_grad": "fold", "bias_grad": "sum"}
+    assert best["seconds"] == pytest.approx(1e-3 + 3e-3 + 1e-3 + 1e-4)
+    # the layer's 1e8 FLOPs and 1e7 bytes: 0.5 ms of arithmetic, 1 ms of memory
+    assert best["roof_s"] == pytest.approx(1e-3)
+    # each part's least time is its cheapest strategy's: 1e7 bytes, 1 ms
+    assert roofline.part_roof(run, run["parts"]["streams"], "forward") == pytest.approx(1e-3)
+    lines = roofline.parts_table(run).splitlines()
+    assert any(line.split()[-3:] == ["1.00", "1.0", "*"] for line in lines)  # fwd unfold
+    assert any(line.split()[-2:] == ["4.00", "4.0"] for line in lines)  # input_grad fold
+
+
+def test_parts_plot_has_a_panel_per_shape():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = roofline.parts_plot(_fake_parts_run())
+    assert [ax.get_title() for ax in fig.axes] == ["streams"]
+    assert fig.get_size_inches()[0] <= 6.5

@@ -123,7 +123,7 @@ def _forward_parts(x_pad: Tensor, m_pad: Tensor, weight: Tensor, s: int, d: int,
     """Tap responses ``U (B, L_out, k, F)`` and mask windows ``M (B, L_out, T, k)``."""
     f_out, dim, k = weight.shape
     # u[b, (f, j), p] = sum_d w[f, d, j] x[b, d, p]: one matrix product over channels
-    w_taps = weight.permute(0, 2, 1).reshape(f_out * k, dim)
+    w_taps = _unrecorded(weight).permute(0, 2, 1).reshape(f_out * k, dim)
     u = torch.matmul(w_taps, x_pad)
     u = u.view(u.shape[0], f_out, k, u.shape[2])  # (B, F, k, L_pad)
     span = s * (l_out - 1) + 1
@@ -133,6 +133,14 @@ def _forward_parts(x_pad: Tensor, m_pad: Tensor, weight: Tensor, s: int, d: int,
     # M[b, l, t, j] = m[b, t, l*s + j*d]: a strided view of the mask's windows, no copy
     M = m_pad.unfold(2, d * (k - 1) + 1, s)[..., ::d].permute(0, 2, 1, 3)
     return U, M
+
+
+def _unrecorded(t: Tensor) -> Tensor:
+    """``t`` detached where autograd records nothing (a forward or backward without
+    ``create_graph``): ``torch.matmul`` of a matrix by a batch is one product, but not
+    when the matrix requires a gradient (it is expanded to a batch then, several times
+    slower)."""
+    return t if torch.is_grad_enabled() else t.detach()
 
 
 def _pad(t: Tensor, left: int, right: int) -> Tensor:
@@ -222,7 +230,7 @@ class _MaskedSharedConv1d(torch.autograd.Function):
             # back to every padded position: g_u[b, f, j, p], zero where no output reads p
             g_u = _unwindow(g_U.permute(0, 3, 2, 1), x_pad.shape[2], s, d, keep_taps=True)
             g_u = g_u.reshape(batch, f_out * k, x_pad.shape[2])  # (B, F*k, L_pad)
-            w_taps = weight.permute(0, 2, 1).reshape(f_out * k, dim)
+            w_taps = _unrecorded(weight).permute(0, 2, 1).reshape(f_out * k, dim)
             if ctx.needs_input_grad[0]:
                 grad_x_pad = torch.matmul(w_taps.t(), g_u)  # (B, D, L_pad)
                 grad_x = grad_x_pad[:, :, left : left + x.shape[2]]

@@ -747,7 +747,11 @@ def _unfold_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tens
     n, length, pad = xf.shape[0], xf.shape[2], o.padding[0]
     stride, dilation = o.stride[0], o.dilation[0]
     out_len = grad.shape[2]
-    bank_t = w.reshape(f_out, d * k).t()
+    # torch.matmul multiplies a matrix by a batch as one product, but not when an operand
+    # requires a gradient (it expands the matrix then, several times slower); where no
+    # graph is recorded (any backward but a double one), the bank is used detached
+    bank = w if torch.is_grad_enabled() else w.detach()
+    bank_t = bank.reshape(f_out, d * k).t()
     gx = grad.new_zeros(n, d, length + 2 * pad)
     step = max(1, max(xf.numel(), grad.numel()) // max(1, d * k * out_len))
     for i in range(0, n, step):

@@ -14,8 +14,13 @@ the ridge :math:`P / \\beta` the step is memory-bound and can reach at most
 - :func:`run` does both and times the approaches' training steps
   (:func:`sharedconv.lab.bench.compare`), in a fresh process with glibc's allocator tuned as
   the benchmark does (:func:`sharedconv.lab.bench.page_faults` shows why).
-- :func:`table` and :func:`plot` show a run; :func:`stored_runs` are the runs that ship
-  with the package; ``python -m sharedconv.lab.roofline`` writes one.
+- :func:`time_parts` times each part of the step (forward, input, weight and bias
+  gradients) by each strategy the tuner has, with its exact costs (:func:`part_costs`);
+  :func:`primitives` lists the oneDNN primitives of the layer's step on a CPU, from
+  oneDNN's own log, so that time spent converting layouts shows.
+- :func:`table`, :func:`plot`, :func:`parts_table`, :func:`parts_plot` and
+  :func:`primitive_table` show a run; :func:`stored_runs` are the runs that ship with the
+  package; ``python -m sharedconv.lab.roofline`` writes one.
 
 The counted bytes are a model: every operator reads each argument and writes each result
 once, from and to main memory. Caches make a real step move less, so a point can sit
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,8 +43,10 @@ import torch
 from . import bench
 from .memory import StepCost, step_cost
 
-__all__ = ["SHAPES", "APPROACHES", "TIMED", "measure_roof", "exact_costs", "cost_table", "run",
-           "placement", "table", "plot", "machine_line", "stored_runs", "main"]
+__all__ = ["SHAPES", "APPROACHES", "TIMED", "PARTS", "measure_roof", "exact_costs",
+           "cost_table", "run", "placement", "table", "plot", "machine_line", "stored_runs",
+           "main", "part_costs", "time_parts", "primitives", "primitive_table",
+           "roof_seconds", "part_roof", "parts_table", "best_parts", "parts_plot"]
 
 #: The shapes a run times, one of each question, small enough for a notebook on a laptop.
 SHAPES: dict[str, dict[str, int]] = {
@@ -161,6 +169,8 @@ def _run_here(device: str, shapes: dict[str, dict[str, int]], rounds: int,
     meta = {**bench.run_meta(dev), "rounds": rounds, "min_time_s": min_time}
     roof = measure_roof(dev)
     points = []
+    parts: dict[str, list[dict[str, Any]]] = {}
+    steps: dict[str, list[dict[str, Any]]] = {}
     for name, shape in shapes.items():
         costs = exact_costs(shape)
         record = bench.compare(shape, TIMED, dev, rounds=rounds, min_time=min_time)
@@ -177,7 +187,11 @@ def _run_here(device: str, shapes: dict[str, dict[str, int]], rounds: int,
                 point["choice"] = {part: choice[part] for part in (
                     "forward", "input_grad", "weight_grad", "bias_grad")}
             points.append(point)
-    return {"meta": meta, "roof": roof, "points": points}
+        parts[name] = time_parts(shape, dev, rounds=rounds)
+        if dev.type == "cpu":
+            steps[name] = primitives(shape, torch.get_num_threads())
+    return {"meta": meta, "roof": roof, "points": points, "parts": parts,
+            "primitives": steps}
 
 
 def run(device: str | torch.device = "cpu", shapes: dict[str, dict[str, int]] | None = None,
@@ -186,11 +200,13 @@ def run(device: str | torch.device = "cpu", shapes: dict[str, dict[str, int]] | 
     """Measure the roof of ``device`` and time ``TIMED`` at each of ``shapes``.
 
     ``TIMED`` is :data:`APPROACHES` and ``tuned``. Returns ``{"meta": the machine,
-    "roof": measure_roof(...), "points": [...]}``, one point per shape and approach: its
-    median training-step seconds over ``rounds`` interleaved rounds, its ratio to the
-    layer, the exact ``flops`` and ``moved_bytes``
-    (not for ``tuned``, whose bytes depend on the strategies it chose: ``choice`` says
-    which). With ``fresh_process`` (the default) it runs in a new Python process, with
+    "roof": measure_roof(...), "points": [...], "parts": {...}, "primitives": {...}}``:
+    one point per shape and approach, with its median training-step seconds over
+    ``rounds`` interleaved rounds, its ratio to the layer, the exact ``flops`` and
+    ``moved_bytes`` (not for ``tuned``, whose bytes depend on the strategies it chose:
+    ``choice`` says which); per shape, each part of the step by each strategy
+    (:func:`time_parts`) and, on a CPU, the oneDNN primitives of the layer's step
+    (:func:`primitives`). With ``fresh_process`` (the default) it runs in a new Python process, with
     glibc's tunables set as the benchmark sets them, so that the allocator of the calling
     process (a notebook kernel's, say) does not decide the times.
     """
@@ -348,9 +364,238 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
+    print(parts_table(result))
+    for name, rows in result["primitives"].items():
+        print(f"{name}, the layer's step in oneDNN primitives:")
+        print(primitive_table(rows))
     print(f"\nwrote {out}")
     return result
 
+
+
+# ------------------------------------------------------------------ where the time goes
+
+#: The parts of a training step, as the tuner chooses them.
+PARTS = ("forward", "input_grad", "weight_grad", "bias_grad")
+
+
+def _part_calls(shape: dict[str, int], device: str | torch.device
+                ) -> dict[tuple[str, str], Any]:
+    """Each part of the step at ``shape`` by each strategy the tuner may run there, as a
+    call on fresh tensors of ``device`` (``meta`` to count): ``{(part, strategy): fn}``,
+    to be called without gradient mode, as the tuner times them.
+
+    The weight gradient is the bank's alone; the bias gradient is either the fold's
+    convolution backward asked for the bias alone (``fold``) or a sum (``sum``)."""
+    from .. import tuning
+
+    B, G, D, L, F_, k = (shape[n] for n in ("B", "G", "D", "L", "F", "k"))
+    # as in a training step: the input and the parameters require gradients
+    xf = torch.randn(B * G, D, L, device=device, requires_grad=True)
+    w = torch.randn(F_, D, k, device=device, requires_grad=True)
+    b = torch.randn(F_, device=device, requires_grad=True)
+    o = tuning._Options(G, (1,), (k // 2,), (1,))
+    grad = torch.randn(B * G, F_, tuning._out_length(L, k, o), device=device)
+    calls: dict[tuple[str, str], Any] = {}
+    for name in tuning._candidates(xf, w, o):
+        calls["forward", name] = lambda n=name: tuning._FORWARD[n](xf, w, b, o)
+        calls["input_grad", name] = lambda n=name: tuning._INPUT_GRAD[n](grad, xf, w, o)
+        calls["weight_grad", name] = lambda n=name: tuning._WEIGHT_GRAD[n](
+            grad, xf, w, o, False)
+    calls["bias_grad", "fold"] = lambda: tuning._conv_backward(
+        "fold", grad, xf, w, o, [False, False, True])
+    calls["bias_grad", "sum"] = lambda: tuning._bias_sum(grad)
+    return calls
+
+
+def part_costs(shape: dict[str, int]) -> dict[tuple[str, str], tuple[int, int]]:
+    """Exact ``(flops, moved_bytes)`` of each part by each strategy at ``shape``, counted
+    on ``meta`` tensors as :func:`~sharedconv.lab.memory.step_cost` counts a step (a sum
+    has no multiply-adds: its FLOPs count zero)."""
+    from .memory import _flop_counter, _traffic_mode
+
+    costs = {}
+    for key, call in _part_calls(shape, "meta").items():
+        counter, traffic = _flop_counter(), _traffic_mode()
+        with counter, traffic, torch.no_grad():
+            call()
+        costs[key] = (counter.get_total_flops(), traffic.moved)
+    return costs
+
+
+def time_parts(shape: dict[str, int], device: str | torch.device = "cpu", *,
+               rounds: int = 7) -> list[dict[str, Any]]:
+    """Each part of the step at ``shape`` by each strategy: its median seconds over
+    ``rounds`` interleaved samples (:func:`sharedconv.tuning.measure`, the tuner's own
+    timing), its exact FLOPs and bytes, and ``roof_s``, the least time the roof of
+    :func:`measure_roof` allows it (filled in by :func:`run`)."""
+    import statistics
+
+    from .. import tuning
+
+    device = torch.device(device)
+    calls = _part_calls(shape, device)
+    costs = part_costs(shape)
+    rows = []
+    with torch.no_grad():
+        for part in PARTS:
+            mine = {s: fn for (p, s), fn in calls.items() if p == part}
+            samples = tuning.measure(mine, device, part, rounds)
+            for strategy, values in samples.items():
+                flops, moved = costs[part, strategy]
+                rows.append({"part": part, "strategy": strategy,
+                             "seconds": statistics.median(values), "flops": flops,
+                             "moved_bytes": moved})
+    return rows
+
+
+_VERBOSE_PROBE = """
+import torch
+from sharedconv.functional import shared_conv
+from sharedconv.lab import roofline
+torch.set_num_threads({threads})
+x, w, b = roofline._inputs({shape}, "cpu")
+grad = torch.randn_like(shared_conv(x, w, b, groups={G}, padding={k} // 2))
+def step():
+    y = shared_conv(x, w, b, groups={G}, padding={k} // 2)
+    torch.autograd.grad(y, (x, w, b), grad)
+for _ in range(3):
+    step()
+with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+    step()
+"""
+
+
+def primitives(shape: dict[str, int], threads: int | None = None) -> list[dict[str, Any]]:
+    """The oneDNN primitives one training step of the layer runs at ``shape`` on this CPU,
+    in order: ``{"primitive", "implementation", "kind", "problem", "ms", "bytes"}``.
+
+    Read from oneDNN's own log (``torch.backends.mkldnn.verbose``) in a fresh process,
+    with glibc's tunables set as the benchmark sets them, after three warm-up steps. ``kind`` is the
+    convolution's propagation (``forward_training``, ``backward_data``,
+    ``backward_weights``) or, for a ``reorder`` (a copy into or out of oneDNN's blocked
+    layout), ``reorder``; ``bytes`` is what a reorder reads and writes (float32). Empty
+    where PyTorch has no oneDNN.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return []
+    env = {**os.environ}
+    if sys.platform == "linux" and "LD_PRELOAD" not in env:
+        env.update(bench.TUNED_ENV)
+    code = _VERBOSE_PROBE.format(shape=dict(shape), G=shape["G"], k=shape["k"],
+                                 threads=threads or torch.get_num_threads())
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        fields = line.split(",")
+        if len(fields) < 10 or fields[:4] != ["onednn_verbose", "v1", "primitive", "exec"]:
+            continue
+        primitive, implementation, kind = fields[5], fields[6], fields[7]
+        problem, ms = fields[-2], float(fields[-1])
+        row = {"primitive": primitive, "implementation": implementation,
+               "kind": kind if primitive == "convolution" else primitive,
+               "problem": problem, "ms": ms, "bytes": 0}
+        if primitive == "reorder":
+            row["bytes"] = 2 * 4 * math.prod(int(n) for n in problem.split("x"))
+        rows.append(row)
+    return rows
+
+
+def primitive_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`primitives` as text, reorders of a few bytes (the bank's) left out."""
+    lines = [f"{'primitive':17s} {'implementation':16s} {'ms':>7s} {'moved':>10s}"]
+    for r in rows:
+        if r["kind"] == "reorder" and r["bytes"] < 2**16:
+            continue
+        moved = _bytes(r["bytes"]) if r["bytes"] else ""
+        lines.append(f"{r['kind']:17s} {r['implementation']:16s} {r['ms']:7.2f} "
+                     f"{moved:>10s}")
+    total = sum(r["ms"] for r in rows)
+    share = sum(r["ms"] for r in rows if r["kind"] == "reorder") / total if total else 0
+    lines.append(f"{'all':17s} {'':16s} {total:7.2f}   (reorders {share:.0%})")
+    return "\n".join(lines)
+
+
+def roof_seconds(run: dict[str, Any], flops: float, moved_bytes: float) -> float:
+    """The least time the roof of ``run`` allows ``flops`` FLOPs and ``moved_bytes`` bytes."""
+    return max(flops / run["roof"]["peak"], moved_bytes / run["roof"]["bandwidth"])
+
+
+def part_roof(run: dict[str, Any], rows: list[dict[str, Any]], part: str) -> float:
+    """The least time the roof of ``run`` allows ``part``: that of the strategy that
+    counts the fewest FLOPs and bytes (the others make temporaries the part does not
+    need)."""
+    return min(roof_seconds(run, r["flops"], r["moved_bytes"])
+               for r in rows if r["part"] == part)
+
+
+def parts_table(run: dict[str, Any]) -> str:
+    """The run's parts: each part's time by each strategy, and how many times the part's
+    least time under the roof (:func:`part_roof`) that is; the fastest marked ``*``."""
+    lines = [machine_line(run)]
+    for name, rows in run.get("parts", {}).items():
+        lines.append(f"{name}: {'part':12s} {'strategy':9s} {'ms':>7s} {'x roof':>7s}")
+        for part in PARTS:
+            mine = [r for r in rows if r["part"] == part]
+            best = min(r["seconds"] for r in mine)
+            roof = part_roof(run, rows, part)
+            for r in mine:
+                lines.append(f"{'':{len(name) + 2}s}{part:12s} {r['strategy']:9s} "
+                             f"{r['seconds'] * 1e3:7.2f} {r['seconds'] / roof:7.1f}"
+                             f"{' *' if r['seconds'] == best else ''}")
+    return "\n".join(lines)
+
+
+def best_parts(run: dict[str, Any], shape_name: str) -> dict[str, Any]:
+    """The fastest strategy of each part at one of the run's shapes, with the sum of
+    their times (a step built from the best parts, as if each ran alone) and the roof's
+    time for the step's counted FLOPs and bytes."""
+    rows = run["parts"][shape_name]
+    best = {part: min((r for r in rows if r["part"] == part), key=lambda r: r["seconds"])
+            for part in PARTS}
+    layer = next(p for p in run["points"]
+                 if p["shape_name"] == shape_name and p["approach"] == "layer")
+    return {"best": {part: r["strategy"] for part, r in best.items()},
+            "seconds": sum(r["seconds"] for r in best.values()),
+            "roof_s": roof_seconds(run, layer["flops"], layer["moved_bytes"])}
+
+
+def parts_plot(run: dict[str, Any]) -> Any:
+    """Where the step's time goes: per shape, each part's time by each strategy as a
+    multiple of the least time the roof allows the part (:func:`part_roof`; 1 is the
+    roof). Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    shapes = list(run.get("parts", {}))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.4, 2.8), sharey=True,
+                             sharex=True, squeeze=False, layout="constrained")
+    style = {"fold": ("k", "o"), "grouped": ("C2", "D"), "unfold": ("C1", "s"),
+             "sum": ("C0", "v")}
+    labels = {"forward": "forward", "input_grad": "input gradient",
+              "weight_grad": "weight gradient", "bias_grad": "bias gradient"}
+    for ax, name in zip(axes[0], shapes, strict=True):
+        rows = run["parts"][name]
+        ax.axvline(1, color="0.5", lw=1)
+        for i, part in enumerate(PARTS):
+            roof = part_roof(run, rows, part)
+            for r in (r for r in rows if r["part"] == part):
+                color, marker = style[r["strategy"]]
+                ax.plot(r["seconds"] / roof, i, marker, color=color, ms=7, mfc="none",
+                        mew=1.5, label=r["strategy"])
+        ax.set_yticks(range(len(PARTS)), [labels[p] for p in PARTS])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([0.5, 1, 2, 5, 10, 20]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        ax.set(ylim=(len(PARTS) - 0.5, -0.5), xlabel="time / the roof's least time",
+               title=name)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(names, handles, strict=True))
+    fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=4,
+               fontsize=9)
+    return fig
 
 if __name__ == "__main__":
     main()
