@@ -72,6 +72,13 @@ def test_stored_runs_name_their_machine():
         assert run["roof"]["bandwidth"] > 0 and run["roof"]["peak"] > 0
         timed = {(p["shape_name"], p["approach"]) for p in run["points"]}
         assert timed == {(s, a) for s in roofline.SHAPES for a in roofline.TIMED}
+        assert set(run["parts"]) == set(roofline.SHAPES)
+        for rows in run["parts"].values():
+            assert {r["part"] for r in rows} == set(roofline.PARTS)
+        if run["meta"]["device_type"] == "cpu":
+            for rows in run["primitives"].values():
+                assert {"forward_training", "backward_data", "backward_weights"} <= {
+                    r["kind"] for r in rows}
 
 
 @pytest.mark.slow
@@ -134,6 +141,8 @@ def test_primitives_come_from_onednn_log_of_one_step():
     convolutions = [r["kind"] for r in rows if r["primitive"] == "convolution"]
     # one step: the forward, then the input's and the weights' gradients
     assert convolutions == ["forward_training", "backward_data", "backward_weights"]
+    (data,) = [r for r in rows if r["kind"] == "backward_data"]
+    assert {"src", "wei", "dst"} <= set(data["formats"])  # oneDNN's memory descriptors
     assert all(r["ms"] >= 0 for r in rows)
     assert all(r["bytes"] > 0 for r in rows if r["kind"] == "reorder")
     text = roofline.primitive_table(rows)

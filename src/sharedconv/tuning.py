@@ -123,9 +123,9 @@ STRATEGIES = ("fold", "grouped", "unfold")
 #: The parts of a convolution that are chosen separately.
 PARTS = ("forward", "input_grad", "weight_grad", "bias_grad")
 
-#: The ways to get the bias gradient: ``fold``, in the same call of the convolution's
-#: backward as the weight gradient (where that is the fold's or the grouped convolution's),
-#: or ``sum``, its own reduction of the output gradient over samples and positions.
+#: How the bias gradient may be computed. ``fold`` is the same call of the convolution's
+#: backward as the weight gradient (where that is the fold's or the grouped convolution's);
+#: ``sum`` is its own reduction of the output gradient over samples and positions.
 BIAS_STRATEGIES = ("fold", "sum")
 
 #: The most keys the cache holds; the oldest is dropped to make room for a new one.

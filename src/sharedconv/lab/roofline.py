@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..tuning import PARTS
 from . import bench
 from .memory import StepCost, step_cost
 
@@ -375,8 +376,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ where the time goes
 
-#: The parts of a training step, as the tuner chooses them.
-PARTS = ("forward", "input_grad", "weight_grad", "bias_grad")
 
 
 def _part_calls(shape: dict[str, int], device: str | torch.device
@@ -468,14 +467,18 @@ with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
 
 def primitives(shape: dict[str, int], threads: int | None = None) -> list[dict[str, Any]]:
     """The oneDNN primitives one training step of the layer runs at ``shape`` on this CPU,
-    in order: ``{"primitive", "implementation", "kind", "problem", "ms", "bytes"}``.
+    in order: ``{"primitive", "implementation", "kind", "formats", "problem", "ms",
+    "bytes"}``.
 
     Read from oneDNN's own log (``torch.backends.mkldnn.verbose``) in a fresh process,
     with glibc's tunables set as the benchmark sets them, after three warm-up steps. ``kind`` is the
     convolution's propagation (``forward_training``, ``backward_data``,
     ``backward_weights``) or, for a ``reorder`` (a copy into or out of oneDNN's blocked
-    layout), ``reorder``; ``bytes`` is what a reorder reads and writes (float32). Empty
-    where PyTorch has no oneDNN.
+    layout), ``reorder``; ``formats`` maps each tensor of the primitive (``src``, ``wei``,
+    ``dst``, ...; for a backward, ``src`` is the input's gradient) to oneDNN's description
+    of its memory, ``dtype:flags:blocked:layout`` (flag ``p``: padded to whole blocks);
+    ``bytes`` is what a reorder reads and writes (float32, unpadded). Empty where PyTorch
+    has no oneDNN.
     """
     if not torch.backends.mkldnn.is_available():
         return []
@@ -493,9 +496,10 @@ def primitives(shape: dict[str, int], threads: int | None = None) -> list[dict[s
             continue
         primitive, implementation, kind = fields[5], fields[6], fields[7]
         problem, ms = fields[-2], float(fields[-1])
+        formats = dict(part.split(":", 1) for part in fields[8].split() if ":" in part)
         row = {"primitive": primitive, "implementation": implementation,
                "kind": kind if primitive == "convolution" else primitive,
-               "problem": problem, "ms": ms, "bytes": 0}
+               "formats": formats, "problem": problem, "ms": ms, "bytes": 0}
         if primitive == "reorder":
             row["bytes"] = 2 * 4 * math.prod(int(n) for n in problem.split("x"))
         rows.append(row)
