@@ -626,7 +626,7 @@ def page_faults(forwards: int = 20) -> dict[str, tuple[int, float]]:
     """Minor page faults and seconds per forward of the fold, under glibc's two settings.
 
     Runs ``forwards`` forward passes of the fold on ``B = 8`` samples of 64 streams of
-    length 512 (16 filters of width 5; each output is 4 MiB) in two fresh processes,
+    length 512 (16 filters of width 5; each output is 16 MiB) in two fresh processes,
     with glibc's default tunables and with ``bench.TUNED_ENV``, and returns
     ``{"default": (faults, seconds), "tuned": (faults, seconds)}``: the faults counted
     by ``getrusage`` over the timed forwards, after one warm-up forward. Empty where the C
@@ -747,7 +747,8 @@ def stored_runs(device_type: str | None = None) -> list[dict[str, Any]]:
 
 
 def goal_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The package's performance goal, shape by shape, from one run's streams and groups.
+    """The benchmark's three bounds (:data:`GOAL`), shape by shape, from one run's streams
+    and groups suites.
 
     For each pass (``forward``, ``forward_backward``): the default layer against the bare
     fold (``layer / fold``), the tuned layer against the fastest of its own strategies
@@ -845,7 +846,8 @@ def heldout_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: Bounds of the goal, each a ratio of medians from one run, for the default layer over
+#: The bounds the benchmark reports against (a maintainers' target, not a promise about
+#: any machine), each a ratio of medians from one run, for the default layer over
 #: the bare fold, the tuned layer over the fastest of its own strategies, and the tuned
 #: layer over the fastest other approach.
 GOAL = {"layer_vs_fold": 1.03, "tuned_vs_own": 1.05, "tuned_vs_other": 1.10}
