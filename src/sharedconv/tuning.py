@@ -640,14 +640,12 @@ def _fold_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tenso
 
 
 def _fold_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tensor:
-    return _bw(grad, xf, w, None, o, 1, [True, False, False])[0]
+    return _conv_backward("fold", grad, xf, w, o, [True, False, False])[0]
 
 
 def _fold_weight_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options, need_bias: bool
                       ) -> tuple[Tensor, Tensor | None]:
-    _, gw, gb = _bw(grad, xf, w, w.shape[0] if need_bias else None, o, 1,
-                    [False, True, need_bias])
-    return gw, gb if need_bias else None
+    return _conv_backward("fold", grad, xf, w, o, [False, True, need_bias])[1:]
 
 
 def _grouped_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Tensor:
@@ -658,18 +656,12 @@ def _grouped_forward(xf: Tensor, w: Tensor, b: Tensor | None, o: _Options) -> Te
 
 
 def _grouped_input_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options) -> Tensor:
-    g = o.groups
-    gx = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g), None, o, g,
-             [True, False, False])[0]
-    return gx.reshape(xf.shape)
+    return _conv_backward("grouped", grad, xf, w, o, [True, False, False])[0]
 
 
 def _grouped_weight_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options, need_bias: bool
                          ) -> tuple[Tensor, Tensor | None]:
-    g, f = o.groups, w.shape[0]
-    _, gw, gb = _bw(_unfolded(grad, g), _unfolded(xf, g), _repeat_bank(w, g),
-                    g * f if need_bias else None, o, g, [False, True, need_bias])
-    return gw.view(g, *w.shape).sum(0), gb.view(g, f).sum(0) if need_bias else None
+    return _conv_backward("grouped", grad, xf, w, o, [False, True, need_bias])[1:]
 
 
 def _cache_bytes() -> int:
@@ -775,7 +767,7 @@ def _unfold_weight_grad(grad: Tensor, xf: Tensor, w: Tensor, o: _Options, need_b
         part = torch.bmm(grad[i:j], windows.transpose(1, 2)).sum(0)
         gw = part if gw is None else gw + part
     assert gw is not None
-    return gw.view(w.shape), grad.sum((0, 2)) if need_bias else None
+    return gw.view(w.shape), _bias_sum(grad) if need_bias else None
 
 
 _FORWARD = {"fold": _fold_forward, "grouped": _grouped_forward, "unfold": _unfold_forward}
