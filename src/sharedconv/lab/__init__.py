@@ -14,9 +14,11 @@ the tests and the benchmark programs.
   roof and each approach's step placed under it;
 - :mod:`sharedconv.lab.diagrams`: figures drawn from a real layer's configuration
   (needs matplotlib: ``pip install 'sharedconv[diagrams]'``);
-- :mod:`sharedconv.lab.ranking`: the ranking case study's data, models and training loop.
+- :mod:`sharedconv.lab.ranking`: the ranking case study's data, models and training loop;
+- :mod:`sharedconv.lab.tf32`: TF32's operand rounding emulated on any device, to check that
+  what a chapter asserts about trained models holds on a GPU's TF32 arithmetic.
 
 The stored runs that the chapters plot ship in ``sharedconv/lab/results/``.
 """
 
-__all__ = ["baselines", "bench", "diagrams", "memory", "ranking", "roofline"]
+__all__ = ["baselines", "bench", "diagrams", "memory", "ranking", "roofline", "tf32"]
