@@ -495,6 +495,19 @@ MARGIN_RUNS = {
 }
 
 
+def trained_outputs(cells: list[dict]) -> list[str]:
+    """What a chapter printed in its cells whose output varies between machines (marked
+    ``# NBVAL_IGNORE_OUTPUT``): the trained values behind its margins."""
+    texts = []
+    for cell in cells:
+        if cell["cell_type"] == "code" and "".join(cell["source"]).startswith(
+                "# NBVAL_IGNORE_OUTPUT"):
+            text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
+            if text.strip():
+                texts.append(text.strip())
+    return texts
+
+
 def margins_main(argv: list[str]) -> int:
     """``python3 dev.py margins OUTDIR [--tf32 nearest|truncate] [--chapters 07,09]``.
 
@@ -586,6 +599,7 @@ def margins_main(argv: list[str]) -> int:
             run = {"chapter": chapter, "run": number, "edits": edits,
                    "ok": done.returncode == 0 and not failed,
                    "seconds": round(time.perf_counter() - start, 1)}
+            run["trained"] = trained_outputs(cells)
             if failed:
                 run["failed_cell"] = failed[0].get("id")
                 run["traceback"] = "".join(o.get("text", "") for o in failed[0]["outputs"])

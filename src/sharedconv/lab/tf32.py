@@ -29,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["ROUNDINGS", "emulate_tf32", "round_tf32"]
 
-#: How a float32 becomes a TF32 value: ``"nearest"`` rounds to the nearest value with 10
-#: mantissa bits, ties away from zero (CUDA's ``cvt.rna.tf32.f32``); ``"truncate"`` drops
-#: the 13 low bits, which doubles the largest error and biases it towards zero.
+#: The ways a float32 becomes a TF32 value. ``"nearest"`` rounds to the nearest value
+#: with 10 mantissa bits, ties away from zero (CUDA's ``cvt.rna.tf32.f32``); ``"truncate"``
+#: drops the 13 low bits, which doubles the largest error and biases it towards zero.
 ROUNDINGS = ("nearest", "truncate")
 
 _LOW = (1 << 13) - 1  # the 13 mantissa bits that TF32 drops
