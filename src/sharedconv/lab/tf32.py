@@ -55,7 +55,7 @@ def round_tf32(x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
     """``x`` (float32) rounded to TF32's 10 mantissa bits, as a new float32 tensor.
 
     Infinities and NaNs are returned unchanged; a finite value that rounds past the largest
-    float32 becomes an infinity, as on the GPU. Raises ``TypeError`` for another dtype and
+    float32 becomes an infinity. Raises ``TypeError`` for another dtype and
     ``ValueError`` for an unknown ``rounding``.
     """
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
