@@ -178,6 +178,24 @@ def test_with(python: str, rest: list[str]) -> None:
     _run(exe, "-m", "pytest", *targets, *rest)
 
 
+def _take_values(args: list[str], command: str, flags: tuple[str, ...]) -> dict[str, str]:
+    """Remove each ``--flag value`` of ``flags`` from ``args``; the values by flag."""
+    values = {}
+    for flag in flags:
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                sys.exit(f"{command}: {flag} needs a value")
+            values[flag] = args[i + 1]
+            del args[i:i + 2]
+    return values
+
+
+def _chapter_list(value: str | None) -> list[str] | None:
+    """``"01,06"`` as ``["01", "06"]``; None when the flag was not given."""
+    return None if value is None else [c.strip() for c in value.split(",") if c.strip()]
+
+
 # ---------------------------------------------------------------------------- the GPU
 
 
@@ -320,18 +338,11 @@ def gpu_main(argv: list[str]) -> int:
     dry = "--dry-run" in args
     if dry:
         args.remove("--dry-run")
-    python = chapters = None
-    for flag in ("--python", "--chapters"):
-        if flag in args:
-            i = args.index(flag)
-            if i + 1 >= len(args):
-                sys.exit(f"gpu: {flag} needs a value")
-            value = args[i + 1]
-            del args[i:i + 2]
-            if flag == "--python":
-                python = shutil.which(value) or value
-            else:
-                chapters = [c.strip() for c in value.split(",") if c.strip()]
+    values = _take_values(args, "gpu", ("--python", "--chapters"))
+    python = values.get("--python")
+    if python is not None:
+        python = shutil.which(python) or python
+    chapters = _chapter_list(values.get("--chapters"))
     if len(args) != 1:
         sys.exit("usage: python3 dev.py gpu OUTDIR [--dry-run] [--python PYTHON] "
                  "[--chapters 01,06]")
@@ -520,23 +531,12 @@ def margins_main(argv: list[str]) -> int:
     and the executed copies; exit status 0 when every run held.
     """
     import json
-    import platform
     import shutil
     import time
 
     args = list(argv)
-    rounding = chapters = None
-    for flag in ("--tf32", "--chapters"):
-        if flag in args:
-            i = args.index(flag)
-            if i + 1 >= len(args):
-                sys.exit(f"margins: {flag} needs a value")
-            value = args[i + 1]
-            del args[i:i + 2]
-            if flag == "--tf32":
-                rounding = value
-            else:
-                chapters = [c.strip() for c in value.split(",") if c.strip()]
+    values = _take_values(args, "margins", ("--tf32", "--chapters"))
+    rounding, chapters = values.get("--tf32"), _chapter_list(values.get("--chapters"))
     if len(args) != 1:
         sys.exit("usage: python3 dev.py margins OUTDIR [--tf32 nearest|truncate] "
                  "[--chapters 07,09]")
@@ -549,16 +549,11 @@ def margins_main(argv: list[str]) -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg"}
-    machine = subprocess.run(
-        [PYTHON, "-c", "import json, platform, torch; print(json.dumps({'torch': "
-         "torch.__version__, 'cpu_capability': torch.backends.cpu.get_cpu_capability(), "
-         "'threads': torch.get_num_threads(), 'cuda': torch.cuda.is_available()}))"],
-        capture_output=True, text=True, env=env, check=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    summary = {"machine": {**json.loads(machine), "cpu": cpu}, "tf32": rounding,
+    machine = subprocess.run(  # what the chapters ran on, as the benchmark describes it
+        [PYTHON, "-c", "import json, torch; from sharedconv.lab.bench import machine; "
+         "print(json.dumps(machine(torch.device('cuda' if torch.cuda.is_available() "
+         "else 'cpu'))))"], capture_output=True, text=True, env=env, check=True).stdout
+    summary = {"machine": json.loads(machine), "tf32": rounding,
                "date": time.strftime("%Y-%m-%d"), "runs": []}
     prelude = ("from sharedconv.lab.tf32 import emulate_tf32\n"
                f"_tf32 = emulate_tf32({rounding!r})\n_tf32.__enter__()\n")
@@ -568,16 +563,15 @@ def margins_main(argv: list[str]) -> int:
             continue
         for number, edits in enumerate(runs):
             nb = json.loads(books[chapter].read_text())
-            for cell in nb["cells"]:
-                if cell["cell_type"] == "code":
-                    code = "".join(cell["source"])
-                    for old, new in edits:
-                        code = code.replace(old, new)
-                    cell["source"] = code
+            code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
             for old, _ in edits:  # an edit that matched nothing would test nothing new
-                if not any(old in "".join(c["source"]) for c in json.loads(
-                        books[chapter].read_text())["cells"]):
+                if not any(old in "".join(c["source"]) for c in code_cells):
                     sys.exit(f"margins: chapter {chapter} no longer contains {old!r}")
+            for cell in code_cells:
+                code = "".join(cell["source"])
+                for old, new in edits:
+                    code = code.replace(old, new)
+                cell["source"] = code
             if rounding:
                 first = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code")
                 nb["cells"].insert(first + 1, {"cell_type": "code", "metadata": {},
